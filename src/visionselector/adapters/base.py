@@ -1,0 +1,263 @@
+"""What every model family shares: the attached state and the select-and-compact step.
+
+An adapter (one file per family) finds the visual tokens of a sequence and knows how
+the family computes positions; this module takes the visual mask, asks the selection
+method which tokens to keep, and builds the shorter sequence, or in soft mode scales
+the visual tokens by the differentiable mask. It never knows which method chose.
+"""
+
+from __future__ import annotations
+
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..methods.base import SelectionMethod
+from ..ops.sequence import compact_index, gather_sequence
+from ..ops.topk import hard_topk, soft_topk, token_budget
+
+__all__ = ["AttachedState", "SelectionRecord", "PrefillMemory", "ModelAdapter", "VisualBatch"]
+
+MODES = ("auto", "hard", "soft")
+
+
+@dataclass
+class SelectionRecord:
+    """What the last forward kept.
+
+    ``kept[b]`` indexes sample ``b``'s visual tokens in their original order.
+    ``token_index``/``token_valid`` (hard selection that shortened the sequence) map each
+    slot of the compacted sequence to its position in the input sequence.
+    ``soft_mask`` (soft selection) is the differentiable mask ``[B, N_max]``.
+    """
+
+    kept: list[torch.Tensor]
+    visual_counts: torch.Tensor
+    mode: str
+    token_index: torch.Tensor | None = None
+    token_valid: torch.Tensor | None = None
+    soft_mask: torch.Tensor | None = None
+    selection_loss: torch.Tensor | None = None
+
+
+@dataclass
+class PrefillMemory:
+    """What decoding steps need to translate full-length masks to the compacted cache."""
+
+    cache: Callable[[], Any]
+    full_length: int
+    compact_length: int
+    compact_mask: torch.Tensor  # BoolTensor[B, compact_length]
+
+
+@dataclass
+class AttachedState:
+    """Everything ``attach`` puts on a model instance."""
+
+    adapter: "ModelAdapter"
+    method: SelectionMethod
+    method_name: str
+    retention: float
+    mode: str = "auto"
+    selection_loss_weight: float = 1.0
+    training_retention: float | None = None
+    last: SelectionRecord | None = None
+    call_record: SelectionRecord | None = None
+    prefill: PrefillMemory | None = None
+    last_losses: dict = field(default_factory=dict)
+    restore: list = field(default_factory=list)
+    current_input_ids: torch.Tensor | None = None
+
+    def resolved_mode(self) -> str:
+        if self.mode == "auto":
+            return "soft" if (self.method.trainable and self.method.training) else "hard"
+        return self.mode
+
+
+@dataclass
+class VisualBatch:
+    """The visual tokens of a batch, gathered out of the full sequence.
+
+    ``positions`` ``[B, N_max]`` are sequence positions of the visual tokens (0 in
+    padding slots), ``valid`` ``[B, N_max]`` marks real ones, ``features`` ``[B, N_max, D]``.
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    features: torch.Tensor
+
+    @property
+    def counts(self) -> torch.Tensor:
+        return self.valid.sum(1)
+
+
+def gather_visual(inputs_embeds: torch.Tensor, visual_mask: torch.Tensor) -> VisualBatch:
+    """Collect each row's visual tokens (``visual_mask`` ``[B, L]``) left-aligned into ``[B, N_max, D]``."""
+    positions, valid = compact_index(visual_mask, pad_left=False)
+    return VisualBatch(positions, valid, gather_sequence(inputs_embeds, positions))
+
+
+def scatter_to_sequence(values: torch.Tensor, visual: VisualBatch, length: int, fill) -> torch.Tensor:
+    """Inverse of :func:`gather_visual` for per-token values ``[B, N_max]`` -> ``[B, length]``."""
+    batch = values.shape[0]
+    out = torch.full((batch, length + 1), fill, dtype=values.dtype, device=values.device)
+    # Padding slots go to a spare column that is cut off, so they never overwrite position 0.
+    target = torch.where(visual.valid, visual.positions, torch.full_like(visual.positions, length))
+    out.scatter_(1, target, values)
+    return out[:, :length]
+
+
+def kept_indices(keep_visual: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
+    """Per-sample sorted indices of the kept visual tokens."""
+    return [torch.nonzero(row & ok, as_tuple=False).flatten() for row, ok in zip(keep_visual, valid)]
+
+
+@dataclass
+class SoftSelection:
+    scale: torch.Tensor  # [B, L] multiplier of each token's embedding (1 for text)
+    record: SelectionRecord
+
+
+@dataclass
+class HardSelection:
+    index: torch.Tensor  # [B, L'] source position of each compacted slot
+    valid: torch.Tensor  # [B, L'] False in padding slots
+    record: SelectionRecord
+
+
+def select_tokens(
+    state: AttachedState,
+    inputs_embeds: torch.Tensor,
+    visual_mask: torch.Tensor,
+    token_valid: torch.Tensor,
+    *,
+    pad_left: bool,
+) -> SoftSelection | HardSelection | None:
+    """Run the method on a batch and describe the resulting sequence.
+
+    Args:
+        inputs_embeds: ``[B, L, D]`` with the visual features already in place.
+        visual_mask: ``BoolTensor[B, L]``, True at (non-padding) visual tokens.
+        token_valid: ``BoolTensor[B, L]``, False at padding.
+        pad_left: side of the padding of the compacted batch.
+
+    Returns:
+        ``None`` when nothing changes (retention 1 in hard mode); otherwise a soft
+        scaling or the compaction index. ``state.last`` is updated either way.
+    """
+    visual = gather_visual(inputs_embeds, visual_mask)
+    counts = visual.counts
+    budget = token_budget(state.retention, counts)
+    mode = state.resolved_mode()
+    if mode == "hard" and state.retention == 1.0:
+        state.last = SelectionRecord(kept_indices(visual.valid, visual.valid), counts, mode)
+        return None
+    if mode == "soft":
+        scores = state.method.scores(visual.features, visual.valid)
+        soft = soft_topk(scores, budget, mask=visual.valid)
+        hard = hard_topk(scores.detach(), budget, mask=visual.valid)
+        if bool(visual.valid.any()):
+            selection_loss = F.binary_cross_entropy(
+                soft[visual.valid].float().clamp(0.0, 1.0), hard[visual.valid].float()
+            )
+        else:
+            selection_loss = soft.sum() * 0.0
+        scale = scatter_to_sequence(soft.to(inputs_embeds.dtype), visual, inputs_embeds.shape[1], 1.0)
+        record = SelectionRecord(kept_indices(hard, visual.valid), counts, mode, soft_mask=soft,
+                                 selection_loss=selection_loss)
+        state.last = record
+        return SoftSelection(scale, record)
+    with torch.no_grad():
+        keep_visual = state.method.select(visual.features, visual.valid, budget) & visual.valid
+    keep = (token_valid & ~visual_mask) | scatter_to_sequence(keep_visual, visual, inputs_embeds.shape[1], False)
+    index, valid = compact_index(keep, pad_left=pad_left)
+    record = SelectionRecord(kept_indices(keep_visual, visual.valid), counts, mode, token_index=index,
+                             token_valid=valid)
+    state.last = record
+    return HardSelection(index, valid, record)
+
+
+def remember_prefill(state: AttachedState, cache, full_length: int, compact_valid: torch.Tensor) -> None:
+    """Keep what decoding steps on ``cache`` need; forget it when there is no cache."""
+    if cache is None:
+        state.prefill = None
+        return
+    state.prefill = PrefillMemory(weakref.ref(cache), full_length, compact_valid.shape[1], compact_valid)
+
+
+def decode_attention_mask(
+    state: AttachedState, attention_mask: torch.Tensor | None, past_length: int, query_length: int
+) -> torch.Tensor | None:
+    """A decoding step's 2-D mask, translated from full-sequence to compacted-cache layout.
+
+    ``generate`` keeps the mask of the uncompressed sequence (its positions too, which
+    is what we want); the cache holds only the kept tokens, so the prompt part of the
+    mask is replaced by the mask of the compacted prompt.
+    """
+    memory = state.prefill
+    appended = past_length - memory.compact_length
+    full_total = memory.full_length + appended + query_length
+    compact_total = past_length + query_length
+    if attention_mask is None:
+        if bool(memory.compact_mask.all()):
+            return None
+        tail = torch.ones(memory.compact_mask.shape[0], appended + query_length, dtype=torch.bool,
+                          device=memory.compact_mask.device)
+        return torch.cat([memory.compact_mask, tail], dim=1)
+    if attention_mask.ndim != 2:
+        raise NotImplementedError("visual token pruning supports 2-D attention masks only during decoding")
+    if attention_mask.shape[1] == compact_total:
+        return attention_mask
+    if attention_mask.shape[1] != full_total:
+        raise ValueError(
+            f"attention_mask has length {attention_mask.shape[1]}; after pruning, a decoding step expects either "
+            f"the uncompressed length {full_total} or the compacted length {compact_total}"
+        )
+    tail = attention_mask[:, memory.full_length:].to(torch.bool)
+    return torch.cat([memory.compact_mask.to(tail.device), tail], dim=1)
+
+
+class ModelAdapter:
+    """One model family: where its visual tokens are and how to patch an instance.
+
+    Subclasses set ``family`` and ``class_names`` and implement :meth:`supports`,
+    :meth:`hidden_size`, :meth:`patch`.
+    """
+
+    family: str = ""
+    class_names: tuple[str, ...] = ()
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def hidden_size(cls, model) -> int:
+        raise NotImplementedError
+
+    @classmethod
+    def patch(cls, model, state: AttachedState) -> None:
+        raise NotImplementedError
+
+
+def replace_forward(module: torch.nn.Module, new_forward, state: AttachedState) -> None:
+    """Set ``module.forward`` on the instance, remembering what to put back."""
+    previous = module.__dict__.get("forward", _MISSING)
+    state.restore.append((module, previous))
+    module.forward = new_forward
+
+
+def restore_forwards(state: AttachedState) -> None:
+    """Undo every :func:`replace_forward`, newest first."""
+    while state.restore:
+        module, previous = state.restore.pop()
+        if previous is _MISSING:
+            module.__dict__.pop("forward", None)
+        else:
+            module.forward = previous
+
+
+_MISSING = object()

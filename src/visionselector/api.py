@@ -1,0 +1,180 @@
+"""The public entry points: attach a selection method to a model instance, and undo it."""
+
+from __future__ import annotations
+
+import inspect
+import os
+
+import torch
+
+from .adapters import AttachedState, find_adapter
+from .adapters.base import MODES, restore_forwards
+from .checkpoint import read_selector, write_selector
+from .methods import get_method_class
+from .ops.topk import validate_retention
+
+__all__ = [
+    "attach",
+    "detach",
+    "is_attached",
+    "get_scorer",
+    "get_method",
+    "save_selector",
+    "last_selection",
+    "set_retention",
+    "set_selection_loss_weight",
+    "get_state",
+]
+
+# Names under which the method module and the state live on the model instance.
+MODULE_NAME = "visual_token_selector"
+STATE_ATTRIBUTE = "_visionselector_state"
+
+
+def attach(model, method: str = "visionselector", retention: float = 0.2, selector: str | os.PathLike | None = None,
+           *, mode: str = "auto", selection_loss_weight: float = 1.0, **options):
+    """Patch ``model`` (the instance only) so that it keeps a fraction of its visual tokens.
+
+    Args:
+        model: a supported ``transformers`` vision-language model instance.
+        method: a registered method name (see :func:`visionselector.list_methods`).
+        retention: fraction of each sample's visual tokens kept, in (0, 1]; the budget is
+            ``max(1, floor(retention * N))`` over all images and frames of the sample.
+        selector: directory written by :func:`save_selector` for a trained method, or
+            ``None`` for a freshly initialised one (to train).
+        mode: ``"hard"`` drops tokens from the sequence; ``"soft"`` keeps them scaled by
+            the differentiable mask (training); ``"auto"`` is soft while the method is in
+            training mode (``model.train()``) and hard otherwise.
+        selection_loss_weight: weight of the selection loss added to the language loss
+            in soft mode (the curriculum changes it during training).
+        **options: options of the method (for ``visionselector``: ``hidden_dim``).
+
+    Returns:
+        ``model``, patched.
+    """
+    retention = validate_retention(retention)
+    adapter = find_adapter(model)
+    if is_attached(model):
+        raise RuntimeError("a selection method is already attached to this model; call visionselector.detach first "
+                           "(or set_retention to change the retention)")
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
+    method_class = get_method_class(method)
+    hidden_size = adapter.hidden_size(model)
+    training_retention = None
+    state_dict = None
+    if selector is not None:
+        config, state_dict = read_selector(selector)
+        if config["method"] != method:
+            raise ValueError(f"selector at {selector} was saved for method {config['method']!r}, not {method!r}")
+        saved_width = config.get("hidden_size")
+        if saved_width != hidden_size:
+            raise ValueError(
+                f"selector at {selector} was saved for hidden size {saved_width}, but this model's language model "
+                f"has hidden size {hidden_size}"
+            )
+        if config.get("model_family") not in (None, adapter.family):
+            raise ValueError(f"selector at {selector} was trained on a {config['model_family']!r} model; "
+                             f"this model is {adapter.family!r}")
+        options = {**config.get("method_config", {}), **options}
+        training_retention = config.get("training_retention")
+    if mode == "soft" and not method_class.trainable:
+        raise ValueError(f"mode='soft' needs a trainable method; {method!r} is training-free")
+    selection_method = _build_method(method_class, hidden_size, options)
+    if state_dict is not None:
+        try:
+            selection_method.load_state_dict(state_dict, strict=True)
+        except RuntimeError as error:
+            raise ValueError(f"selector weights at {selector} do not fit method {method!r}: {error}") from None
+    reference = model.get_input_embeddings().weight
+    selection_method.to(device=reference.device)
+    selection_method.train(model.training)
+    model.add_module(MODULE_NAME, selection_method)
+    state = AttachedState(adapter=adapter, method=selection_method, method_name=method, retention=retention,
+                          mode=mode, selection_loss_weight=float(selection_loss_weight),
+                          training_retention=training_retention)
+    setattr(model, STATE_ATTRIBUTE, state)
+    try:
+        adapter.patch(model, state)
+    except Exception:
+        _undo(model, state)
+        raise
+    return model
+
+
+def _build_method(method_class, hidden_size: int, options: dict):
+    try:
+        return method_class(hidden_size, **options)
+    except TypeError as error:
+        parameters = list(inspect.signature(method_class.__init__).parameters)[2:]
+        raise TypeError(f"invalid options for method {method_class.name!r}: {error}; "
+                        f"accepted options: {', '.join(parameters) or 'none'}") from None
+
+
+def _undo(model, state: AttachedState) -> None:
+    restore_forwards(state)
+    model._modules.pop(MODULE_NAME, None)
+    model.__dict__.pop(STATE_ATTRIBUTE, None)
+
+
+def is_attached(model) -> bool:
+    return STATE_ATTRIBUTE in getattr(model, "__dict__", {})
+
+
+def get_state(model) -> AttachedState:
+    """The attached state; ``RuntimeError`` if nothing is attached."""
+    if not is_attached(model):
+        raise RuntimeError("no selection method is attached to this model; call visionselector.attach first")
+    return model.__dict__[STATE_ATTRIBUTE]
+
+
+def detach(model):
+    """Remove what :func:`attach` added; the model behaves exactly as before. Returns ``model``."""
+    _undo(model, get_state(model))
+    return model
+
+
+def get_method(model):
+    """The attached :class:`~visionselector.methods.SelectionMethod` module."""
+    return get_state(model).method
+
+
+def get_scorer(model) -> torch.nn.Module:
+    """The learned scorer module of the attached method."""
+    state = get_state(model)
+    scorer = getattr(state.method, "scorer", None)
+    if scorer is None:
+        raise TypeError(f"method {state.method_name!r} has no learned scorer")
+    return scorer
+
+
+def set_retention(model, retention: float) -> None:
+    """Change the retention of the attached method (one trained scorer serves any retention)."""
+    get_state(model).retention = validate_retention(retention)
+
+
+def set_selection_loss_weight(model, weight: float) -> None:
+    """Set lambda, the weight of the selection loss in soft mode."""
+    get_state(model).selection_loss_weight = float(weight)
+
+
+def save_selector(model, directory: str | os.PathLike) -> str:
+    """Write the attached method's weights and config (never the MLLM's weights) to ``directory``."""
+    state = get_state(model)
+    config = {
+        "method": state.method_name,
+        "method_config": state.method.config_dict(),
+        "hidden_size": state.adapter.hidden_size(model),
+        "model_family": state.adapter.family,
+        "model_class": type(model).__name__,
+        "training_retention": state.training_retention if state.training_retention is not None else state.retention,
+    }
+    return str(write_selector(directory, config, state.method.state_dict()))
+
+
+def last_selection(model) -> list[torch.Tensor]:
+    """Per sample, the sorted indices (into its visual tokens) of those kept by the last forward."""
+    record = get_state(model).last
+    if record is None:
+        raise RuntimeError("no forward with visual inputs has run since the selection method was attached")
+    return [indices.clone() for indices in record.kept]

@@ -1,0 +1,131 @@
+"""Model configurations and synthetic processor-style inputs, for tests, demos and benchmarks.
+
+Everything here builds the real ``transformers`` classes; only the sizes are small.
+Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["SampleSpec", "tiny_qwen2_5_vl_config", "build_qwen2_5_vl", "synthetic_batch"]
+
+# Token ids of the tiny configurations (a small vocabulary has room for them).
+PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
+IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 100, 101, 102, 103
+FIRST_TEXT_ID, VOCAB_SIZE = 4, 128
+
+
+def tiny_qwen2_5_vl_config(*, text_layers: int = 2, hidden_size: int = 64, vision_depth: int = 2,
+                           attn_implementation: str = "sdpa", **text_overrides):
+    """A Qwen2.5-VL config with real structure (windowed + full vision attention, M-RoPE) and tiny widths."""
+    from transformers import Qwen2_5_VLConfig
+
+    heads = 4
+    head_dim = hidden_size // heads
+    half = head_dim // 2
+    # Split the rotary frequencies over (time, height, width) in Qwen's 1:1.5:1.5 proportion.
+    temporal = half // 4
+    height = (half - temporal) // 2
+    mrope_section = [temporal, height, half - temporal - height]
+    text_config = dict(
+        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=2,
+        max_position_embeddings=4096,
+        rope_parameters={"rope_type": "default", "mrope_section": mrope_section, "rope_theta": 10000.0},
+        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+    )
+    text_config.update(text_overrides)
+    config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=dict(
+            depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
+            spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=hidden_size,
+            fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2,
+        ),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
+        vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
+    )
+    config._attn_implementation = attn_implementation
+    config.text_config._attn_implementation = attn_implementation
+    config.vision_config._attn_implementation = attn_implementation
+    return config
+
+
+def build_qwen2_5_vl(config=None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` in eval mode."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    config = config if config is not None else tiny_qwen2_5_vl_config()
+    torch.manual_seed(seed)
+    model = Qwen2_5_VLForConditionalGeneration(config).to(dtype)
+    return model.eval()
+
+
+@dataclass
+class SampleSpec:
+    """One synthetic sample: text around images (``(h, w)`` patch grids) and/or a video.
+
+    ``prefix``/``suffix`` are the numbers of text tokens before the first and after the
+    last visual block; ``videos`` are ``(t, h, w)`` grids in patches.
+    """
+
+    images: list[tuple[int, int]] = field(default_factory=list)
+    videos: list[tuple[int, int, int]] = field(default_factory=list)
+    prefix: int = 3
+    suffix: int = 4
+
+
+def synthetic_batch(config, samples: list[SampleSpec], *, padding_side: str = "left", seed: int = 0,
+                    device: str | torch.device = "cpu") -> dict:
+    """Processor-style inputs (``input_ids``, ``attention_mask``, ``pixel_values``, grids,
+    ``mm_token_type_ids``) for ``samples``, with random pixels and random text tokens."""
+    if padding_side not in ("left", "right"):
+        raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
+    vision = config.vision_config
+    merge = vision.spatial_merge_size
+    patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
+    generator = torch.Generator().manual_seed(seed)
+
+    def text(count):
+        return torch.randint(FIRST_TEXT_ID, IMAGE_ID, (count,), generator=generator).tolist()
+
+    rows, images, image_grids, videos, video_grids = [], [], [], [], []
+    for sample in samples:
+        row = text(sample.prefix)
+        for height, width in sample.images:
+            if height % merge or width % merge:
+                raise ValueError(f"image grid {(height, width)} must be a multiple of spatial_merge_size={merge}")
+            image_grids.append([1, height, width])
+            images.append(torch.randn(height * width, patch_dim, generator=generator))
+            row += [config.vision_start_token_id] + [config.image_token_id] * (height * width // merge ** 2)
+            row += [config.vision_end_token_id] + text(2)
+        for frames, height, width in sample.videos:
+            video_grids.append([frames, height, width])
+            videos.append(torch.randn(frames * height * width, patch_dim, generator=generator))
+            row += [config.vision_start_token_id]
+            row += [config.video_token_id] * (frames * height * width // merge ** 2)
+            row += [config.vision_end_token_id] + text(2)
+        rows.append(row + text(sample.suffix))
+
+    length = max(len(row) for row in rows)
+    input_ids = torch.full((len(rows), length), PAD_ID, dtype=torch.long)
+    attention_mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for index, row in enumerate(rows):
+        span = slice(length - len(row), length) if padding_side == "left" else slice(0, len(row))
+        input_ids[index, span] = torch.tensor(row)
+        attention_mask[index, span] = 1
+    mm_token_type_ids = torch.zeros_like(input_ids, dtype=torch.int)
+    mm_token_type_ids[input_ids == config.image_token_id] = 1
+    mm_token_type_ids[input_ids == config.video_token_id] = 2
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids}
+    if images:
+        batch["pixel_values"] = torch.cat(images)
+        batch["image_grid_thw"] = torch.tensor(image_grids)
+    if videos:
+        batch["pixel_values_videos"] = torch.cat(videos)
+        batch["video_grid_thw"] = torch.tensor(video_grids)
+        batch["second_per_grid_ts"] = torch.ones(len(videos))
+    return {key: value.to(device) for key, value in batch.items()}
