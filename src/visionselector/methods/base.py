@@ -43,7 +43,7 @@ class SelectionMethod(nn.Module):
         return hard_topk(self.scores(features, mask), budget, mask=mask)
 
     def config_dict(self) -> dict:
-        """What is needed, besides the weights, to rebuild this method."""
+        """Constructor options (besides the hidden size) that rebuild this method with its weights."""
         return {}
 
 

@@ -91,4 +91,4 @@ class VisionSelectorMethod(SelectionMethod):
         return self.scorer(features, mask)
 
     def config_dict(self) -> dict:
-        return {"in_features": self.scorer.in_features, "hidden_dim": self.scorer.hidden_dim}
+        return {"hidden_dim": self.scorer.hidden_dim}
