@@ -1,0 +1,58 @@
+"""Command line: ``visionselector demo`` and ``visionselector methods``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+
+def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
+    for field in dataclasses.fields(cls):
+        default = field.default
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata.get("help", "") + f" (default: {default})"
+        if isinstance(default, tuple):
+            parser.add_argument(flag, type=float, nargs="+", default=default, help=help_text)
+        elif isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
+        else:
+            kind = int if field.type in ("int", "int | None") else float if field.type == "float" else str
+            parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .demo import DemoConfig
+
+    parser = argparse.ArgumentParser(prog="visionselector", description="Visual token selection for multimodal LLMs.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    demo = commands.add_parser("demo", help="attach to a random Qwen2.5-VL, generate, and time prefill")
+    _add_dataclass_arguments(demo, DemoConfig)
+    commands.add_parser("methods", help="list the selection methods")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.command == "methods":
+        from .methods import list_methods
+
+        for name, description in list_methods().items():
+            print(f"{name:16} {description}")
+        return 0
+    if args.command == "demo":
+        from .demo import DemoConfig, run_demo
+
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
+        values["retentions"] = tuple(values["retentions"])
+        for retention in values["retentions"]:
+            if not 0 < retention <= 1:
+                print(f"error: retention must be in (0, 1], got {retention}", file=sys.stderr)
+                return 2
+        run_demo(DemoConfig(**values))
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

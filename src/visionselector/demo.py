@@ -1,0 +1,134 @@
+"""The demo: attach VisionSelector to a randomly initialised Qwen2.5-VL, generate, and time prefill.
+
+The weights are random (nothing is downloaded), so the generated tokens mean nothing;
+what the demo shows is the mechanics (tokens kept per sample, the same ``generate``
+call, an exact no-op at retention 1) and the prefill time with and without compression.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["DemoConfig", "run_demo"]
+
+
+@dataclass
+class DemoConfig:
+    """Settings of :func:`run_demo`."""
+
+    retentions: tuple[float, ...] = field(default=(1.0, 0.5, 0.2, 0.1), metadata={"help": "retentions to time"})
+    image_size: int = field(default=672, metadata={"help": "image side in pixels (patches of 14, merged 2x2)"})
+    batch_size: int = field(default=2, metadata={"help": "samples per batch (images of two sizes)"})
+    text_layers: int = field(default=8, metadata={"help": "decoder layers of the language model"})
+    hidden_size: int = field(default=512, metadata={"help": "language model width"})
+    repeats: int = field(default=5, metadata={"help": "timed prefills per retention (after one warm-up)"})
+    new_tokens: int = field(default=8, metadata={"help": "tokens generated per sample"})
+    threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
+    seed: int = field(default=0, metadata={"help": "seed of weights and inputs"})
+
+
+def _demo_model(config: DemoConfig):
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    from .presets import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID
+
+    heads = max(1, config.hidden_size // 64)
+    head_dim = config.hidden_size // heads
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    model_config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=4096, hidden_size=config.hidden_size, intermediate_size=config.hidden_size * 3,
+            num_hidden_layers=config.text_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
+            max_position_embeddings=32768, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                             "mrope_section": [temporal, height, half - temporal - height]},
+        ),
+        vision_config=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14,
+                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
+                           out_hidden_size=config.hidden_size, fullatt_block_indexes=[3]),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID,
+    )
+    model_config._attn_implementation = "sdpa"
+    torch.manual_seed(config.seed)
+    return Qwen2_5_VLForConditionalGeneration(model_config).eval()
+
+
+def _timed_prefill(model, batch) -> float:
+    start = time.perf_counter()
+    with torch.no_grad():
+        model(**batch, use_cache=True, logits_to_keep=1)
+    return time.perf_counter() - start
+
+
+def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
+    """Run the demo and return its measurements (also printed)."""
+    import visionselector as vs
+
+    from .presets import SampleSpec, synthetic_batch
+
+    config = config or DemoConfig()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    model = _demo_model(config)
+    grid = config.image_size // 14
+    grid -= grid % 2
+    sizes = [(grid, grid), (grid // 4 * 2, grid)]  # a square image and one of half its height
+    samples = [SampleSpec(images=[sizes[i % 2]], prefix=12, suffix=20) for i in range(config.batch_size)]
+    batch = synthetic_batch(model.config, samples, seed=config.seed)
+    visual = [int((row == model.config.image_token_id).sum()) for row in batch["input_ids"]]
+    parameters = sum(p.numel() for p in model.parameters())
+    print_fn(f"Qwen2.5-VL (random weights, {parameters / 1e6:.1f}M parameters, {config.text_layers} decoder layers "
+             f"of width {config.hidden_size}, SDPA, {torch.get_num_threads()} CPU threads)")
+    print_fn(f"batch of {len(samples)}: visual tokens per sample {visual}, "
+             f"sequence length {batch['input_ids'].shape[1]} (left padding)")
+
+    with torch.no_grad():
+        reference_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
+    vs.attach(model, method="visionselector", retention=1.0)
+    with torch.no_grad():
+        same_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
+    no_op = bool(torch.equal(reference_ids, same_ids))
+    print_fn(f"retention 1.0 is an exact no-op: generated ids identical to the unpatched model: {no_op}")
+
+    timings: dict[float, list[float]] = {r: [] for r in config.retentions}
+    kept: dict[float, list[int]] = {}
+    for retention in config.retentions:  # warm-up, and the number of tokens each retention keeps
+        vs.set_retention(model, retention)
+        _timed_prefill(model, batch)
+        kept[retention] = [len(s) for s in vs.last_selection(model)]
+    for _ in range(config.repeats):  # interleaved, so drift of the machine affects every variant alike
+        for retention in config.retentions:
+            vs.set_retention(model, retention)
+            timings[retention].append(_timed_prefill(model, batch))
+
+    full = statistics.median(timings[1.0]) if 1.0 in timings else None
+    print_fn("")
+    print_fn(f"{'retention':>9}  {'kept per sample':>16}  {'prefill ms (median)':>20}  {'spread ms':>10}  {'speed-up':>8}")
+    rows = []
+    for retention in config.retentions:
+        median = statistics.median(timings[retention])
+        spread = max(timings[retention]) - min(timings[retention])
+        speedup = full / median if full else float("nan")
+        rows.append({"retention": retention, "kept": kept[retention], "prefill_ms": median * 1e3,
+                     "spread_ms": spread * 1e3, "speedup": speedup})
+        print_fn(f"{retention:>9.2f}  {str(kept[retention]):>16}  {median * 1e3:>20.1f}  {spread * 1e3:>10.1f}  "
+                 f"{speedup:>7.2f}x")
+
+    vs.set_retention(model, 0.2)
+    with torch.no_grad():
+        pruned_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
+    length = batch["input_ids"].shape[1]
+    selection = vs.last_selection(model)
+    print_fn("")
+    print_fn(f"generate at retention 0.2 (same call as before): new token ids {pruned_ids[:, length:].tolist()}")
+    print_fn(f"visual tokens kept by sample 0 (first 12 of {len(selection[0])}): {selection[0][:12].tolist()}")
+    print_fn("(an untrained scorer; train one with visionselector.train_selector)")
+    vs.detach(model)
+    return {"no_op": no_op, "rows": rows, "visual_tokens": visual}
