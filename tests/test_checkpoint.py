@@ -92,3 +92,23 @@ def test_selector_weights_that_do_not_fit_are_rejected(tmp_path):
     config_path.write_text(json.dumps(config))
     with pytest.raises(ValueError, match="saved for method 'random'"):
         vs.attach(make_model(), selector=tmp_path / "sel")
+
+
+def test_from_pretrained_checkpoint_attaches_like_the_in_memory_model(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    model = make_model()
+    model.save_pretrained(tmp_path / "mllm")
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "mllm", dtype=torch.float32).eval()
+    batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8)]), SampleSpec(images=[(4, 8)])])
+    outputs = []
+    for candidate in (model, loaded):
+        vs.attach(candidate, retention=0.3)
+        randomise_scorer(candidate, seed=2)
+        with torch.no_grad():
+            outputs.append((candidate(**batch).logits,
+                            candidate.generate(**batch, max_new_tokens=4, do_sample=False),
+                            [s.tolist() for s in vs.last_selection(candidate)]))
+    torch.testing.assert_close(outputs[0][0], outputs[1][0])
+    assert torch.equal(outputs[0][1], outputs[1][1])
+    assert outputs[0][2] == outputs[1][2]
