@@ -32,30 +32,16 @@ class DemoConfig:
 
 
 def _demo_model(config: DemoConfig):
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+    from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from .presets import BOS_ID, EOS_ID, IMAGE_ID, PAD_ID, VIDEO_ID, VISION_END_ID, VISION_START_ID
+    from .presets import qwen2_5_vl_config
 
     heads = max(1, config.hidden_size // 64)
-    head_dim = config.hidden_size // heads
-    half = head_dim // 2
-    temporal = half // 4
-    height = (half - temporal) // 2
-    model_config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=4096, hidden_size=config.hidden_size, intermediate_size=config.hidden_size * 3,
-            num_hidden_layers=config.text_layers, num_attention_heads=heads, num_key_value_heads=max(1, heads // 4),
-            max_position_embeddings=32768, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": [temporal, height, half - temporal - height]},
-        ),
-        vision_config=dict(depth=4, hidden_size=256, intermediate_size=512, num_heads=4, patch_size=14,
-                           spatial_merge_size=2, temporal_patch_size=2, window_size=112,
-                           out_hidden_size=config.hidden_size, fullatt_block_indexes=[3]),
-        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID,
+    model_config = qwen2_5_vl_config(
+        hidden_size=config.hidden_size, text_layers=config.text_layers, heads=heads, kv_heads=max(1, heads // 4),
+        intermediate_size=3 * config.hidden_size, vocab_size=4096, vision_depth=4, vision_hidden=256,
+        vision_heads=4, patch_size=14, window_size=112,
     )
-    model_config._attn_implementation = "sdpa"
     torch.manual_seed(config.seed)
     return Qwen2_5_VLForConditionalGeneration(model_config).eval()
 

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-__all__ = ["SampleSpec", "tiny_qwen2_5_vl_config", "build_qwen2_5_vl", "synthetic_batch"]
+__all__ = ["SampleSpec", "qwen2_5_vl_config", "tiny_qwen2_5_vl_config", "build_qwen2_5_vl", "synthetic_batch"]
 
 # Token ids of the tiny configurations (a small vocabulary has room for them).
 PAD_ID, BOS_ID, EOS_ID = 0, 1, 2
@@ -18,40 +18,50 @@ IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 100, 101, 102, 103
 FIRST_TEXT_ID, VOCAB_SIZE = 4, 128
 
 
-def tiny_qwen2_5_vl_config(*, text_layers: int = 2, hidden_size: int = 64, vision_depth: int = 2,
-                           attn_implementation: str = "sdpa", **text_overrides):
-    """A Qwen2.5-VL config with real structure (windowed + full vision attention, M-RoPE) and tiny widths."""
+def qwen2_5_vl_config(*, hidden_size: int, text_layers: int, heads: int, kv_heads: int, intermediate_size: int,
+                      vocab_size: int, vision_depth: int, vision_hidden: int, vision_heads: int, patch_size: int,
+                      window_size: int, attn_implementation: str = "sdpa", rope_theta: float = 1e6,
+                      **text_overrides):
+    """A Qwen2.5-VL config of the given widths with the family's real structure (windowed
+    and full-attention vision blocks, 2x2 patch merger, M-RoPE), using this module's token ids."""
     from transformers import Qwen2_5_VLConfig
 
-    heads = 4
-    head_dim = hidden_size // heads
-    half = head_dim // 2
+    half = hidden_size // heads // 2
     # Split the rotary frequencies over (time, height, width) in Qwen's 1:1.5:1.5 proportion.
     temporal = half // 4
     height = (half - temporal) // 2
-    mrope_section = [temporal, height, half - temporal - height]
     text_config = dict(
-        vocab_size=VOCAB_SIZE, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=2,
-        max_position_embeddings=4096,
-        rope_parameters={"rope_type": "default", "mrope_section": mrope_section, "rope_theta": 10000.0},
-        bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+        num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+        max_position_embeddings=32768, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+        rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
+                         "mrope_section": [temporal, height, half - temporal - height]},
     )
     text_config.update(text_overrides)
     config = Qwen2_5_VLConfig(
         text_config=text_config,
         vision_config=dict(
-            depth=vision_depth, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=4,
-            spatial_merge_size=2, temporal_patch_size=2, window_size=16, out_hidden_size=hidden_size,
-            fullatt_block_indexes=[vision_depth - 1], tokens_per_second=2,
+            depth=vision_depth, hidden_size=vision_hidden, intermediate_size=2 * vision_hidden,
+            num_heads=vision_heads, patch_size=patch_size, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=window_size, out_hidden_size=hidden_size, fullatt_block_indexes=[vision_depth - 1],
+            tokens_per_second=2,
         ),
         image_token_id=IMAGE_ID, video_token_id=VIDEO_ID,
         vision_start_token_id=VISION_START_ID, vision_end_token_id=VISION_END_ID,
     )
-    config._attn_implementation = attn_implementation
-    config.text_config._attn_implementation = attn_implementation
-    config.vision_config._attn_implementation = attn_implementation
+    for sub_config in (config, config.text_config, config.vision_config):
+        sub_config._attn_implementation = attn_implementation
     return config
+
+
+def tiny_qwen2_5_vl_config(*, text_layers: int = 2, hidden_size: int = 64, vision_depth: int = 2,
+                           attn_implementation: str = "sdpa", **text_overrides):
+    """Test-sized Qwen2.5-VL: 4-pixel patches, width 64, two decoder layers."""
+    return qwen2_5_vl_config(
+        hidden_size=hidden_size, text_layers=text_layers, heads=4, kv_heads=2, intermediate_size=2 * hidden_size,
+        vocab_size=VOCAB_SIZE, vision_depth=vision_depth, vision_hidden=32, vision_heads=2, patch_size=4,
+        window_size=16, attn_implementation=attn_implementation, rope_theta=10000.0, **text_overrides,
+    )
 
 
 def build_qwen2_5_vl(config=None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
