@@ -145,8 +145,7 @@ def test_batch_forward_equals_single_samples(attn, padding_side):
     with torch.no_grad():
         batch_out = model(**batch, labels=labels)
         batch_selection = vs.last_selection(model)
-        record = vs.get_method(model) and model._visionselector_state.last
-        valid = record.token_valid
+        valid = model._visionselector_state.last.token_valid
         for row, spec in enumerate(SAMPLES):
             single = synthetic_batch(model.config, [spec], seed=7)
             # Same sample: rebuild it from the batch row so text tokens and pixels agree.

@@ -148,13 +148,14 @@ def select_tokens(
         ``None`` when nothing changes (retention 1 in hard mode); otherwise a soft
         scaling or the compaction index. ``state.last`` is updated either way.
     """
+    mode = state.resolved_mode()
+    if mode == "hard" and state.retention == 1.0:
+        counts = visual_mask.sum(1)
+        state.last = SelectionRecord([torch.arange(int(n), device=counts.device) for n in counts], counts, mode)
+        return None
     visual = gather_visual(inputs_embeds, visual_mask)
     counts = visual.counts
     budget = token_budget(state.retention, counts)
-    mode = state.resolved_mode()
-    if mode == "hard" and state.retention == 1.0:
-        state.last = SelectionRecord(kept_indices(visual.valid, visual.valid), counts, mode)
-        return None
     if mode == "soft":
         scores = state.method.scores(visual.features, visual.valid)
         soft = soft_topk(scores, budget, mask=visual.valid)
