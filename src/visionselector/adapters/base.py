@@ -15,7 +15,7 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-from ..methods.base import SelectionMethod
+from ..methods.base import SelectionMethod, VisualTokens
 from ..ops.sequence import compact_index, gather_sequence
 from ..ops.topk import hard_topk, soft_topk, token_budget
 
@@ -70,6 +70,7 @@ class AttachedState:
     last_losses: dict = field(default_factory=dict)
     restore: list = field(default_factory=list)
     current_input_ids: torch.Tensor | None = None
+    current_grids: tuple = (None, None)
 
     def resolved_mode(self) -> str:
         if self.mode == "auto":
@@ -126,6 +127,7 @@ class HardSelection:
     index: torch.Tensor  # [B, L'] source position of each compacted slot
     valid: torch.Tensor  # [B, L'] False in padding slots
     record: SelectionRecord
+    embeds: torch.Tensor  # [B, L, D] the input embeddings, with merged features where a method merged
 
 
 def select_tokens(
@@ -135,6 +137,7 @@ def select_tokens(
     token_valid: torch.Tensor,
     *,
     pad_left: bool,
+    segments: Callable[[], list] | None = None,
 ) -> SoftSelection | HardSelection | None:
     """Run the method on a batch and describe the resulting sequence.
 
@@ -143,10 +146,13 @@ def select_tokens(
         visual_mask: ``BoolTensor[B, L]``, True at (non-padding) visual tokens.
         token_valid: ``BoolTensor[B, L]``, False at padding.
         pad_left: side of the padding of the compacted batch.
+        segments: returns each sample's visual blocks as ``(frames, height, width)``
+            grids; called only for methods that need the layout.
 
     Returns:
         ``None`` when nothing changes (retention 1 in hard mode); otherwise a soft
-        scaling or the compaction index. ``state.last`` is updated either way.
+        scaling or the compaction index (``HardSelection.embeds`` holds merged
+        features when the method merged tokens). ``state.last`` is updated either way.
     """
     mode = state.resolved_mode()
     if mode == "hard" and state.retention == 1.0:
@@ -171,14 +177,40 @@ def select_tokens(
                                  selection_loss=selection_loss)
         state.last = record
         return SoftSelection(scale, record)
+    method = state.method
+    layout = segments() if (segments is not None and "segments" in method.needs) else None
+    if "segments" in method.needs and layout is None:
+        raise ValueError(f"method {state.method_name!r} needs the spatial layout of the visual tokens, "
+                         f"which this model family does not provide")
+    tokens = VisualTokens(visual.features, visual.valid, layout)
     with torch.no_grad():
-        keep_visual = state.method.select(visual.features, visual.valid, budget) & visual.valid
+        chosen = method.select(tokens, budget)
+    keep_visual = chosen.keep & visual.valid
+    _check_budget(method, keep_visual, budget, visual.counts)
+    embeds = inputs_embeds
+    if chosen.features is not None:
+        values = torch.where(keep_visual.unsqueeze(-1), chosen.features.to(inputs_embeds.dtype), visual.features)
+        embeds = inputs_embeds.clone()
+        rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(visual.positions)
+        embeds[rows[visual.valid], visual.positions[visual.valid]] = values[visual.valid]
     keep = (token_valid & ~visual_mask) | scatter_to_sequence(keep_visual, visual, inputs_embeds.shape[1], False)
     index, valid = compact_index(keep, pad_left=pad_left)
     record = SelectionRecord(kept_indices(keep_visual, visual.valid), counts, mode, token_index=index,
                              token_valid=valid)
     state.last = record
-    return HardSelection(index, valid, record)
+    return HardSelection(index, valid, record, embeds)
+
+
+def _check_budget(method: SelectionMethod, keep: torch.Tensor, budget: torch.Tensor, counts: torch.Tensor) -> None:
+    """A method keeps exactly the budget (or, if it says it follows its own grid, at least one
+    token of every sample that has any); anything else is a bug worth a loud error."""
+    kept = keep.sum(1)
+    if method.exact_budget:
+        wrong = not torch.equal(kept, budget.to(kept.device))
+    else:
+        wrong = bool(((counts > 0) & (kept == 0)).any())
+    if wrong:
+        raise RuntimeError(f"method {method.name!r} kept {kept.tolist()} visual tokens for budgets {budget.tolist()}")
 
 
 def remember_prefill(state: AttachedState, cache, full_length: int, compact_valid: torch.Tensor) -> None:

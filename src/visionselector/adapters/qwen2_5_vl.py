@@ -132,7 +132,11 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     [visual_mask.new_zeros(0, dtype=torch.long)] * batch, visual_mask.sum(1), state.resolved_mode())
                 return call(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
             right_padded = attention_mask is not None and bool((~token_valid[:, -1]).any())
-            selection = select_tokens(state, inputs_embeds, visual_mask, token_valid, pad_left=not right_padded)
+            positions = _three_d_positions(position_ids, 0, length, inputs_embeds)
+            selection = select_tokens(
+                state, inputs_embeds, visual_mask, token_valid, pad_left=not right_padded,
+                segments=lambda: _visual_segments(token_ids, visual_mask, positions, position_ids is not None),
+            )
             state.call_record = state.last
             if selection is None:
                 return call(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
@@ -141,9 +145,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 return call(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=scaled)
 
             assert isinstance(selection, HardSelection)
-            positions = _three_d_positions(position_ids, 0, length, inputs_embeds)
             compact_positions = gather_sequence(positions, selection.index, seq_dim=2)
-            compact_embeds = gather_sequence(inputs_embeds, selection.index)
+            compact_embeds = gather_sequence(selection.embeds, selection.index)
             all_valid = bool(selection.valid.all())
             compact_mask = None if all_valid else selection.valid.to(
                 attention_mask.dtype if attention_mask is not None else torch.long)
@@ -161,6 +164,48 @@ class Qwen2_5_VLAdapter(ModelAdapter):
 
 def _visual_mask(token_ids: torch.Tensor, visual_token_ids: tuple[int, int]) -> torch.Tensor:
     return (token_ids == visual_token_ids[0]) | (token_ids == visual_token_ids[1])
+
+
+def _visual_segments(token_ids, visual_mask, positions, have_positions: bool):
+    """Each sample's visual blocks as ``(frames, height, width)`` token grids, in sequence order.
+
+    Read off the 3-D M-RoPE positions, which hold the layout whatever path built the
+    inputs (``generate`` encodes images before the forward and passes no grids): a
+    block's first token sets ``(t0, h0, w0)``; a row is the tokens at ``h0 + r``, a frame
+    restarts at ``(h0, w0)`` with a later time, and the next block starts elsewhere.
+    """
+    if not have_positions:
+        raise ValueError("this method needs the 3-D positions of the visual tokens; pass mm_token_type_ids "
+                         "(the processor returns it) so that the model can compute them")
+    layout = []
+    for row_ids, row_mask, row_t, row_h, row_w in zip(token_ids.tolist(), visual_mask.tolist(),
+                                                     *(p.tolist() for p in positions)):
+        blocks, start, length = [], 0, len(row_ids)
+        while start < length:
+            if not row_mask[start]:
+                start += 1
+                continue
+            end = start
+            while end < length and row_mask[end] and row_ids[end] == row_ids[start]:
+                end += 1
+            while start < end:  # one run of placeholders may hold several blocks
+                t0, h0, w0 = row_t[start], row_h[start], row_w[start]
+                width = 1
+                while start + width < end and row_h[start + width] == h0 and row_w[start + width] == w0 + width:
+                    width += 1
+                height = 1
+                while (start + height * width < end and row_h[start + height * width] == h0 + height
+                       and row_w[start + height * width] == w0):
+                    height += 1
+                frames, size = 1, height * width
+                while (start + frames * size < end and row_h[start + frames * size] == h0
+                       and row_w[start + frames * size] == w0
+                       and row_t[start + frames * size] >= row_t[start + (frames - 1) * size]):
+                    frames += 1
+                blocks.append((frames, height, width))
+                start += frames * size
+        layout.append(blocks)
+    return layout
 
 
 def _three_d_positions(position_ids, start: int, length: int, like: torch.Tensor) -> torch.Tensor:

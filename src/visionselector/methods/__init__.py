@@ -1,8 +1,11 @@
 """Selection methods, one file each, registered by name when imported."""
 
-from .base import SelectionMethod, get_method_class, list_methods, register_method
+from .base import Selection, SelectionMethod, VisualTokens, get_method_class, list_methods, register_method
 from . import visionselector as _visionselector  # noqa: F401  (registers "visionselector")
 from . import random as _random  # noqa: F401  (registers "random")
+from . import uniform as _uniform  # noqa: F401  (registers "uniform")
+from . import pool as _pool  # noqa: F401  (registers "pool")
+from . import divprune as _divprune  # noqa: F401  (registers "divprune")
 from .visionselector import ImportanceScorer
 
-__all__ = ["ImportanceScorer", "SelectionMethod", "get_method_class", "list_methods", "register_method"]
+__all__ = ["ImportanceScorer", "Selection", "SelectionMethod", "VisualTokens", "get_method_class", "list_methods", "register_method"]

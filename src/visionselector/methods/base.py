@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
@@ -10,25 +11,55 @@ from torch import nn
 
 from ..ops.topk import hard_topk
 
-__all__ = ["SelectionMethod", "register_method", "get_method_class", "list_methods"]
+__all__ = ["Selection", "SelectionMethod", "VisualTokens", "register_method", "get_method_class", "list_methods"]
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 _REGISTRY: dict[str, type["SelectionMethod"]] = {}
 
 
+@dataclass
+class VisualTokens:
+    """The visual tokens of a batch, as a method sees them.
+
+    ``features`` ``[B, N, D]``: LLM-space embeddings, each sample's tokens left-aligned
+    in their original order; ``valid`` ``[B, N]`` marks real tokens. ``segments[b]``
+    lists sample ``b``'s visual blocks in order as ``(frames, height, width)`` grids of
+    tokens, each frame row-major (so a block holds ``frames * height * width``
+    consecutive tokens); ``None`` where the model family cannot say.
+    """
+
+    features: torch.Tensor
+    valid: torch.Tensor
+    segments: list[list[tuple[int, int, int]]] | None = None
+    encoder_attention: torch.Tensor | None = None
+
+
+@dataclass
+class Selection:
+    """What a method keeps: ``keep`` ``BoolTensor[B, N]`` and, for methods that merge tokens,
+    ``features`` ``[B, N, D]`` whose rows at kept slots replace those tokens' embeddings
+    (each merged token sits at, and takes the position of, a representative original)."""
+
+    keep: torch.Tensor
+    features: torch.Tensor | None = None
+
+
 class SelectionMethod(nn.Module):
     """Chooses which visual tokens of each sample reach the language model.
 
-    A method sees only the visual tokens of a batch, as LLM-space embeddings
-    ``features`` ``[B, N, D]`` with a validity ``mask`` ``[B, N]`` (samples have
-    different numbers of visual tokens), and the per-sample budget ``LongTensor[B]``.
-    It never knows which model it runs in. Subclasses implement :meth:`scores`
-    (higher is kept) or override :meth:`select`.
+    A method sees only :class:`VisualTokens` and the per-sample budget
+    ``LongTensor[B]``; it never knows which model it runs in. Simple methods implement
+    :meth:`scores` (higher is kept); others override :meth:`select`. ``needs`` names the
+    optional inputs a method requires (``"segments"``, ``"encoder_attention"``) so that
+    adapters compute them only when asked. A method whose token count follows its own
+    structure (pooling grids) sets ``exact_budget = False`` and documents its rule.
     """
 
     name: ClassVar[str] = ""
     description: ClassVar[str] = ""
     trainable: ClassVar[bool] = False
+    needs: ClassVar[frozenset[str]] = frozenset()
+    exact_budget: ClassVar[bool] = True
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -38,9 +69,9 @@ class SelectionMethod(nn.Module):
         """Importance of each visual token, ``[B, N]``; higher is kept."""
         raise NotImplementedError(f"method {self.name!r} does not define scores()")
 
-    def select(self, features: torch.Tensor, mask: torch.Tensor, budget: torch.Tensor) -> torch.Tensor:
-        """``BoolTensor[B, N]`` with exactly ``budget[b]`` valid tokens kept in row ``b``."""
-        return hard_topk(self.scores(features, mask), budget, mask=mask)
+    def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
+        """Keep exactly ``budget[b]`` valid tokens of each row ``b``."""
+        return Selection(hard_topk(self.scores(tokens.features, tokens.valid), budget, mask=tokens.valid))
 
     def config_dict(self) -> dict:
         """Constructor options (besides the hidden size) that rebuild this method with its weights."""

@@ -1,0 +1,57 @@
+"""DivPrune (CVPR 2025): keep a maximally diverse subset of the visual tokens.
+
+The selection solves the max-min diversity problem greedily on cosine distance
+``1 - cos(x_i, x_j)`` between visual embeddings: the first token is the one whose
+nearest other token is farthest away; each next token is the one farthest from the
+tokens chosen so far (the largest minimum distance). Ties go to the lower index.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .base import Selection, SelectionMethod, VisualTokens, register_method
+
+__all__ = ["DivPruneMethod", "max_min_diverse"]
+
+# Rows of the distance matrix computed at a time when finding nearest neighbours.
+_CHUNK = 1024
+
+
+def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
+    """Greedy max-min diverse subset of ``features`` ``[N, D]``; ``LongTensor[count]`` in pick order."""
+    n = features.shape[0]
+    if count >= n:
+        return torch.arange(n, device=features.device)
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long, device=features.device)
+    unit = F.normalize(features.float(), dim=-1)
+    nearest = torch.empty(n, device=features.device)
+    for start in range(0, n, _CHUNK):
+        distance = 1.0 - unit[start:start + _CHUNK] @ unit.T
+        rows = torch.arange(distance.shape[0], device=features.device)
+        distance[rows, rows + start] = float("inf")  # a token is not its own neighbour
+        nearest[start:start + _CHUNK] = distance.min(1).values
+    chosen = [int(torch.argmax(nearest))]
+    min_distance = 1.0 - unit @ unit[chosen[0]]
+    min_distance[chosen[0]] = -float("inf")
+    for _ in range(count - 1):
+        pick = int(torch.argmax(min_distance))
+        chosen.append(pick)
+        min_distance = torch.minimum(min_distance, 1.0 - unit @ unit[pick])
+        min_distance[chosen] = -float("inf")
+    return torch.tensor(chosen, device=features.device)
+
+
+@register_method
+class DivPruneMethod(SelectionMethod):
+    name = "divprune"
+    description = "greedy max-min diversity on cosine distance of visual embeddings (DivPrune)"
+
+    def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
+        keep = torch.zeros_like(tokens.valid)
+        counts = tokens.valid.sum(1).tolist()
+        for row, (n, k) in enumerate(zip(counts, budget.tolist())):
+            keep[row, max_min_diverse(tokens.features[row, :n], k)] = True
+        return Selection(keep)

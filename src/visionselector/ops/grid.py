@@ -1,0 +1,82 @@
+"""Spatial helpers for methods that use the layout of image and video tokens."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["split_budget", "even_grid", "frame_sizes", "pooling_grid"]
+
+
+def split_budget(budget: int, sizes: list[int]) -> list[int]:
+    """Split ``budget`` over parts of the given ``sizes`` in proportion, exactly.
+
+    Largest remainder: each part gets ``floor(budget * size / total)``, and the tokens
+    left go to the largest fractional parts (earlier parts first on ties). No part gets
+    more than its size.
+    """
+    total = sum(sizes)
+    if budget >= total:
+        return list(sizes)
+    if budget <= 0 or total == 0:
+        return [0] * len(sizes)
+    exact = [budget * size / total for size in sizes]
+    shares = [min(size, math.floor(value)) for size, value in zip(sizes, exact)]
+    order = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - math.floor(exact[i])), i))
+    left = budget - sum(shares)
+    while left > 0:
+        for i in order:
+            if left == 0:
+                break
+            if shares[i] < sizes[i]:
+                shares[i] += 1
+                left -= 1
+    return shares
+
+
+def frame_sizes(segments: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
+    """The ``(height, width)`` of every frame of a sample's blocks, in token order."""
+    return [(height, width) for frames, height, width in segments for _ in range(frames)]
+
+
+def even_grid(height: int, width: int, count: int) -> torch.Tensor:
+    """``count`` row-major indices of an ``height x width`` frame spread on an even grid.
+
+    The grid has ``gh x gw`` cells of the frame's aspect ratio, with ``gh * gw >= count``;
+    each cell contributes its centre token. When the grid has more points than
+    ``count``, an evenly spaced subset of them (in row-major order) is kept.
+
+    Returns:
+        sorted ``LongTensor[count]``.
+    """
+    cells = height * width
+    if count >= cells:
+        return torch.arange(cells)
+    if count <= 0:
+        return torch.zeros(0, dtype=torch.long)
+    grid_h = min(height, max(1, round(math.sqrt(count * height / width))))
+    grid_w = min(width, math.ceil(count / grid_h))
+    grid_h = min(height, math.ceil(count / grid_w))
+    rows = ((torch.arange(grid_h) + 0.5) * height / grid_h).floor().long()
+    cols = ((torch.arange(grid_w) + 0.5) * width / grid_w).floor().long()
+    points = (rows.unsqueeze(1) * width + cols.unsqueeze(0)).flatten()
+    if len(points) > count:
+        points = points[((torch.arange(count) + 0.5) * len(points) / count).floor().long()]
+    return points.sort().values
+
+
+def pooling_grid(height: int, width: int, count: int) -> tuple[int, int]:
+    """The pooled grid ``(gh, gw)`` for a frame: the frame's aspect ratio, and the
+    number of cells ``gh * gw`` as near to ``count`` as whole rows and columns allow."""
+    if count >= height * width:
+        return height, width
+    count = max(1, count)
+    best = None
+    for grid_h in range(1, height + 1):
+        grid_w = min(width, max(1, round(count / grid_h)))
+        aspect_error = abs(math.log((grid_h / grid_w) / (height / width)))
+        key = (abs(grid_h * grid_w - count), aspect_error)
+        if best is None or key < best[0]:
+            best = (key, (grid_h, grid_w))
+    return best[1]
