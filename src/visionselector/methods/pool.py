@@ -2,8 +2,8 @@
 
 Retention maps to the grid like this: a sample's budget ``max(1, floor(r * N))`` is split
 over its frames in proportion to their sizes, and each frame of ``h x w`` tokens is
-pooled to the ``gh x gw`` grid of its aspect ratio whose cell count is nearest to its
-share (:func:`~visionselector.ops.grid.pooling_grid`). So the number of tokens kept is
+pooled to a ``gh x gw`` grid with ``gh = round(sqrt(share * h / w))`` and
+``gw = round(share / gh)`` (:func:`~visionselector.ops.grid.pooling_grid`). So the number of tokens kept is
 the nearest count whole grid rows and columns allow, not always the budget exactly.
 Each pooled token is the mean of its cell and takes the place and position of the
 cell's centre token (for cells of even size, the upper-left of the central ones),

@@ -67,16 +67,15 @@ def even_grid(height: int, width: int, count: int) -> torch.Tensor:
 
 
 def pooling_grid(height: int, width: int, count: int) -> tuple[int, int]:
-    """The pooled grid ``(gh, gw)`` for a frame: the frame's aspect ratio, and the
-    number of cells ``gh * gw`` as near to ``count`` as whole rows and columns allow."""
+    """The pooled grid ``(gh, gw)`` of a frame for a target of ``count`` tokens.
+
+    ``gh = round(sqrt(count * height / width))`` keeps the frame's aspect ratio and
+    ``gw = round(count / gh)``, each clamped to ``[1, frame side]``: so ``gh * gw`` is the
+    count nearest ``count`` that an aspect-true grid of whole rows and columns allows.
+    """
     if count >= height * width:
         return height, width
     count = max(1, count)
-    best = None
-    for grid_h in range(1, height + 1):
-        grid_w = min(width, max(1, round(count / grid_h)))
-        aspect_error = abs(math.log((grid_h / grid_w) / (height / width)))
-        key = (abs(grid_h * grid_w - count), aspect_error)
-        if best is None or key < best[0]:
-            best = (key, (grid_h, grid_w))
-    return best[1]
+    grid_h = min(height, max(1, round(math.sqrt(count * height / width))))
+    grid_w = min(width, max(1, round(count / grid_h)))
+    return grid_h, grid_w

@@ -1,0 +1,186 @@
+"""Training-free methods: exact selections on known inputs, and behaviour inside the model."""
+
+import math
+
+import pytest
+import torch
+
+import visionselector as vs
+from visionselector.methods import VisualTokens
+from visionselector.methods.divprune import max_min_diverse
+from visionselector.methods.pool import PoolMethod
+from visionselector.methods.uniform import UniformMethod
+from visionselector.ops.grid import even_grid, pooling_grid, split_budget
+from visionselector.presets import SampleSpec, synthetic_batch
+
+from conftest import make_model
+
+PRE_LLM_METHODS = ["random", "uniform", "pool", "divprune"]
+
+
+def test_divprune_greedy_order_on_points_in_the_plane():
+    angles = torch.tensor([0.0, 10.0, 90.0, 180.0, 185.0]) * math.pi / 180
+    points = torch.stack([angles.cos(), angles.sin()], dim=1)
+    # 90 degrees has the farthest nearest neighbour; then 185 is farthest from it; then 0
+    # (distance 1 from 90, nearly 2 from 185) beats 10 (0.83 from 90) and 180 (duplicate of 185).
+    assert max_min_diverse(points, 3).tolist() == [2, 4, 0]
+    assert max_min_diverse(points, 5).tolist() == [0, 1, 2, 3, 4]
+    assert max_min_diverse(points * 7.0, 3).tolist() == [2, 4, 0]  # cosine: scale does not matter
+
+
+def test_divprune_method_keeps_budget_per_padded_row():
+    method = vs.methods.get_method_class("divprune")(2)
+    angles = torch.tensor([[0.0, 10.0, 90.0, 180.0, 185.0], [0.0, 1.0, 2.0, 0.0, 0.0]]) * math.pi / 180
+    features = torch.stack([angles.cos(), angles.sin()], dim=-1)
+    valid = torch.tensor([[True] * 5, [True, True, True, False, False]])
+    keep = method.select(VisualTokens(features, valid), torch.tensor([3, 2])).keep
+    assert keep.tolist() == [[True, False, True, False, True], [True, False, True, False, False]]
+
+
+@pytest.mark.parametrize(
+    "height, width, count, expected",
+    [
+        (4, 4, 4, [5, 7, 13, 15]),
+        (6, 6, 9, [7, 9, 11, 19, 21, 23, 31, 33, 35]),
+        (2, 8, 4, [9, 11, 13, 15]),  # a 1 x 4 grid on a wide frame: cell centres at row 1, columns 1, 3, 5, 7
+        (4, 4, 16, list(range(16))),
+        (3, 3, 1, [4]),  # the centre
+    ],
+)
+def test_uniform_grid_on_known_frames(height, width, count, expected):
+    assert even_grid(height, width, count).tolist() == expected
+
+
+def test_uniform_grid_always_returns_exactly_count_distinct_tokens():
+    for height in range(1, 9):
+        for width in range(1, 9):
+            for count in range(0, height * width + 1):
+                points = even_grid(height, width, count)
+                assert len(points) == count == len(set(points.tolist()))
+                assert count == 0 or (points.min() >= 0 and points.max() < height * width)
+
+
+def test_split_budget_is_exact_and_proportional():
+    assert split_budget(10, [16, 4, 8]) == [6, 1, 3]
+    assert split_budget(3, [5, 5, 5, 5]) == [1, 1, 1, 0]
+    assert split_budget(40, [16, 4]) == [16, 4]
+    for budget in range(0, 30):
+        assert sum(split_budget(budget, [16, 4, 8])) == min(budget, 28)
+
+
+def test_uniform_method_splits_the_budget_over_frames():
+    tokens = VisualTokens(torch.zeros(1, 20, 2), torch.ones(1, 20, dtype=torch.bool), segments=[[(1, 4, 4), (1, 2, 2)]])
+    keep = UniformMethod(2).select(tokens, torch.tensor([5])).keep
+    # 16/20 of 5 is 4 tokens for the 4x4 frame, 1 for the 2x2 frame (its centre rounds to index 3)
+    assert torch.nonzero(keep[0]).flatten().tolist() == [5, 7, 13, 15, 16 + 3]
+
+
+def test_pool_merges_cells_into_their_centre_token():
+    features = torch.arange(16, dtype=torch.float32).view(1, 16, 1).repeat(1, 1, 2)
+    tokens = VisualTokens(features, torch.ones(1, 16, dtype=torch.bool), segments=[[(1, 4, 4)]])
+    selection = PoolMethod(2).select(tokens, torch.tensor([4]))
+    kept = torch.nonzero(selection.keep[0]).flatten().tolist()
+    assert kept == [0, 2, 8, 10]
+    assert selection.features[0, kept, 0].tolist() == [2.5, 4.5, 10.5, 12.5]
+    assert pooling_grid(4, 12, 12) == (2, 6) and pooling_grid(8, 8, 15) == (4, 4) and pooling_grid(8, 8, 3) == (2, 2)
+
+
+@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+def test_retention_one_is_an_exact_no_op(method):
+    model = make_model()
+    batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8)]), SampleSpec(images=[(4, 8)], prefix=6)])
+    with torch.no_grad():
+        expected_logits = model(**batch).logits
+        expected_ids = model.generate(**batch, max_new_tokens=4, do_sample=False)
+        vs.attach(model, method=method, retention=1.0)
+        assert torch.equal(model(**batch).logits, expected_logits)
+        assert torch.equal(model.generate(**batch, max_new_tokens=4, do_sample=False), expected_ids)
+
+
+SAMPLES = [
+    SampleSpec(images=[(8, 8)], prefix=2, suffix=3),
+    SampleSpec(images=[(4, 12)], prefix=7, suffix=1),
+    SampleSpec(images=[(4, 4)], videos=[(2, 4, 8)], prefix=3, suffix=5),
+]
+
+
+@pytest.mark.parametrize("method", PRE_LLM_METHODS)
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_batch_equals_single_samples(method, attn):
+    model = make_model(attn)
+    vs.attach(model, method=method, retention=0.3)
+    batch = synthetic_batch(model.config, SAMPLES, padding_side="right", seed=7)
+    image_rows = [int(g.prod()) for g in batch["image_grid_thw"]]
+    video_rows = [int(g.prod()) for g in batch["video_grid_thw"]]
+    with torch.no_grad():
+        batch_logits = model(**batch).logits
+        valid = model._visionselector_state.last.token_valid
+        batch_selection = [s.tolist() for s in vs.last_selection(model)]
+        for row, spec in enumerate(SAMPLES):
+            keep = batch["attention_mask"][row].bool()
+            single = {"input_ids": batch["input_ids"][row, keep][None],
+                      "mm_token_type_ids": batch["mm_token_type_ids"][row, keep][None]}
+            single["attention_mask"] = torch.ones_like(single["input_ids"])
+            start = sum(image_rows[:row])
+            single["pixel_values"] = batch["pixel_values"][start:start + image_rows[row]]
+            single["image_grid_thw"] = batch["image_grid_thw"][row:row + 1]
+            if spec.videos:
+                single["pixel_values_videos"] = batch["pixel_values_videos"][:video_rows[0]]
+                single["video_grid_thw"] = batch["video_grid_thw"]
+                single["second_per_grid_ts"] = batch["second_per_grid_ts"]
+            single_logits = model(**single).logits
+            assert vs.last_selection(model)[0].tolist() == batch_selection[row]
+            torch.testing.assert_close(batch_logits[row, valid[row]], single_logits[0], atol=2e-5, rtol=1e-4)
+    budgets = [max(1, math.floor(0.3 * n)) for n in (16, 12, 4 + 16)]
+    if method == "pool":
+        assert all(len(s) >= 1 for s in batch_selection)
+    else:
+        assert [len(s) for s in batch_selection] == budgets
+
+
+def test_layout_is_read_off_positions_in_forward_and_generate():
+    model = make_model()
+    vs.attach(model, method="uniform", retention=0.25)
+    batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8)]),
+                                           SampleSpec(images=[(4, 8), (8, 4)], videos=[(4, 4, 4)])])
+    from visionselector.adapters import qwen2_5_vl
+
+    seen = []
+    original = qwen2_5_vl._visual_segments
+
+    def spy(*args):
+        seen.append(original(*args))
+        return seen[-1]
+
+    qwen2_5_vl._visual_segments = spy
+    try:
+        with torch.no_grad():
+            model(**batch)
+            model.generate(**batch, max_new_tokens=2, do_sample=False)  # encodes images before prefill
+    finally:
+        qwen2_5_vl._visual_segments = original
+    expected = [[(1, 4, 4)], [(1, 2, 4), (1, 4, 2), (4, 2, 2)]]
+    assert seen == [expected, expected]
+
+
+def test_pool_sends_the_cell_means_to_the_language_model():
+    model = make_model()
+    batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8)])])
+    with torch.no_grad():
+        features = model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output[0]
+    vs.attach(model, method="pool", retention=0.25)
+    captured = {}
+    layer = model.model.language_model.layers[0]
+    handle = layer.register_forward_pre_hook(lambda module, args, kwargs: captured.update(h=args[0] if args else kwargs["hidden_states"]), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        handle.remove()
+    kept = vs.last_selection(model)[0].tolist()
+    assert kept == [0, 2, 8, 10]  # the 4x4 token grid pooled 2x2
+    grid = features.view(4, 4, -1)
+    expected = torch.stack([grid[r:r + 2, c:c + 2].mean((0, 1)) for r in (0, 2) for c in (0, 2)])
+    visual_slots = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
+    first = visual_slots[0].item()
+    torch.testing.assert_close(captured["h"][0, first:first + 4], expected)
