@@ -15,7 +15,7 @@ from visionselector.presets import SampleSpec, synthetic_batch
 
 from conftest import make_model
 
-PRE_LLM_METHODS = ["random", "uniform", "pool", "divprune"]
+PRE_LLM_METHODS = ["random", "uniform", "pool", "divprune", "visionzip"]
 
 
 def test_divprune_greedy_order_on_points_in_the_plane():
@@ -184,3 +184,58 @@ def test_pool_sends_the_cell_means_to_the_language_model():
     visual_slots = (batch["input_ids"][0] == model.config.image_token_id).nonzero().flatten()
     first = visual_slots[0].item()
     torch.testing.assert_close(captured["h"][0, first:first + 4], expected)
+
+
+def test_visionzip_keeps_dominant_tokens_and_merges_the_rest_into_contextual_ones():
+    from visionselector.methods.visionzip import VisionZipMethod
+
+    attention = torch.tensor([[0.9, 0.1, 0.8, 0.05, 0.2, 0.3, 0.01, 0.02]])
+    features = torch.tensor([[[1.0, 0.0], [0.0, 1.0], [1.0, 1.0], [0.1, 1.0], [1.0, 0.1], [0.0, 2.0], [2.0, 0.1], [0.2, 1.0]]])
+    tokens = VisualTokens(features, torch.ones(1, 8, dtype=torch.bool), encoder_attention=attention)
+    selection = VisionZipMethod(2, contextual_ratio=0.5).select(tokens, torch.tensor([4]))
+    # 2 dominant (tokens 0 and 2), 2 contextual targets evenly spaced among the other six
+    # [1, 3, 4, 5, 6, 7] -> positions 1.5 and 4.5 -> tokens 3 and 6.
+    assert torch.nonzero(selection.keep[0]).flatten().tolist() == [0, 2, 3, 6]
+    # Token 3 gathers the upward-pointing 1, 5, 7; token 6 gathers the rightward 4.
+    expected_3 = (features[0, 3] + features[0, 1] + features[0, 5] + features[0, 7]) / 4
+    expected_6 = (features[0, 6] + features[0, 4]) / 2
+    torch.testing.assert_close(selection.features[0, 3], expected_3)
+    torch.testing.assert_close(selection.features[0, 6], expected_6)
+    torch.testing.assert_close(selection.features[0, 0], features[0, 0])
+
+
+def test_encoder_attention_probe_matches_full_attention_matrices():
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+    from transformers.vision_utils import get_vision_window_index
+
+    model = make_model()
+    vs.attach(model, method="visionzip", retention=0.25)
+    batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8), (4, 8)])])
+    visual = model.model.visual
+    block = visual.blocks[visual.fullatt_block_indexes[-1]].attn
+    seen = {}
+    handle = block.register_forward_hook(
+        lambda module, args, kwargs, output: seen.update(hidden=args[0], **kwargs), with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+    finally:
+        handle.remove()
+    recorded = model._visionselector_state.encoder_attention["image"]
+
+    with torch.no_grad():
+        hidden = seen["hidden"]
+        q, k, _ = block.qkv(hidden).reshape(hidden.shape[0], 3, block.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+        q, k = apply_rotary_pos_emb_vision(q, k, *seen["position_embeddings"])
+        received = []
+        bounds = seen["cu_seqlens"].tolist()
+        for start, end in zip(bounds[:-1], bounds[1:]):
+            weights = torch.softmax(
+                torch.einsum("qhd,khd->hqk", q[start:end].float(), k[start:end].float()) * block.scaling, -1)
+            received.append(weights.mean((0, 1)))
+        received = torch.cat(received)
+    window_index, _ = get_vision_window_index(batch["image_grid_thw"], spatial_merge_size=2,
+                                              window_size=visual.window_size, patch_size=visual.patch_size)
+    expected = received.view(-1, 4).mean(1)[torch.argsort(window_index)]
+    torch.testing.assert_close(recorded, expected, atol=1e-6, rtol=1e-5)
+    assert recorded.shape == (16 + 8,)

@@ -68,7 +68,8 @@ class AttachedState:
     call_record: SelectionRecord | None = None
     prefill: PrefillMemory | None = None
     last_losses: dict = field(default_factory=dict)
-    restore: list = field(default_factory=list)
+    restore: list = field(default_factory=list)  # callables that undo each patch, in order of patching
+    encoder_attention: dict = field(default_factory=dict)  # modality -> per-token attention received
     current_input_ids: torch.Tensor | None = None
     current_grids: tuple = (None, None)
 
@@ -137,7 +138,7 @@ def select_tokens(
     token_valid: torch.Tensor,
     *,
     pad_left: bool,
-    segments: Callable[[], list] | None = None,
+    extras: dict[str, Callable[[], Any]] | None = None,
 ) -> SoftSelection | HardSelection | None:
     """Run the method on a batch and describe the resulting sequence.
 
@@ -146,8 +147,10 @@ def select_tokens(
         visual_mask: ``BoolTensor[B, L]``, True at (non-padding) visual tokens.
         token_valid: ``BoolTensor[B, L]``, False at padding.
         pad_left: side of the padding of the compacted batch.
-        segments: returns each sample's visual blocks as ``(frames, height, width)``
-            grids; called only for methods that need the layout.
+        extras: what the family can provide on request, each a function called only for
+            methods that need it: ``"segments"`` (each sample's visual blocks as
+            ``(frames, height, width)`` grids) and ``"encoder_attention"`` (``[B, L]``
+            attention each token received in the vision encoder).
 
     Returns:
         ``None`` when nothing changes (retention 1 in hard mode); otherwise a soft
@@ -178,11 +181,16 @@ def select_tokens(
         state.last = record
         return SoftSelection(scale, record)
     method = state.method
-    layout = segments() if (segments is not None and "segments" in method.needs) else None
-    if "segments" in method.needs and layout is None:
-        raise ValueError(f"method {state.method_name!r} needs the spatial layout of the visual tokens, "
-                         f"which this model family does not provide")
-    tokens = VisualTokens(visual.features, visual.valid, layout)
+    provided = {}
+    for need in sorted(method.needs):
+        if extras is None or need not in extras:
+            raise ValueError(f"method {state.method_name!r} needs {need.replace('_', ' ')}, which this model "
+                             f"family does not provide")
+        provided[need] = extras[need]()
+    attention = provided.get("encoder_attention")
+    if attention is not None:
+        attention = gather_sequence(attention.unsqueeze(-1), visual.positions).squeeze(-1)
+    tokens = VisualTokens(visual.features, visual.valid, provided.get("segments"), attention)
     with torch.no_grad():
         chosen = method.select(tokens, budget)
     keep_visual = chosen.keep & visual.valid
@@ -276,21 +284,28 @@ class ModelAdapter:
         raise NotImplementedError
 
 
+def replace_method(module: torch.nn.Module, name: str, replacement, state: AttachedState) -> None:
+    """Set ``module.<name>`` on the instance (usually ``forward``), remembering what to put back."""
+    previous = module.__dict__.get(name, _MISSING)
+
+    def undo():
+        if previous is _MISSING:
+            module.__dict__.pop(name, None)
+        else:
+            setattr(module, name, previous)
+
+    state.restore.append(undo)
+    setattr(module, name, replacement)
+
+
 def replace_forward(module: torch.nn.Module, new_forward, state: AttachedState) -> None:
-    """Set ``module.forward`` on the instance, remembering what to put back."""
-    previous = module.__dict__.get("forward", _MISSING)
-    state.restore.append((module, previous))
-    module.forward = new_forward
+    replace_method(module, "forward", new_forward, state)
 
 
 def restore_forwards(state: AttachedState) -> None:
-    """Undo every :func:`replace_forward`, newest first."""
+    """Undo every patch and hook of the attached state, newest first."""
     while state.restore:
-        module, previous = state.restore.pop()
-        if previous is _MISSING:
-            module.__dict__.pop("forward", None)
-        else:
-            module.forward = previous
+        state.restore.pop()()
 
 
 _MISSING = object()

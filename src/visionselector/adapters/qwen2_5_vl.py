@@ -29,6 +29,7 @@ from .base import (
     decode_attention_mask,
     remember_prefill,
     replace_forward,
+    replace_method,
     select_tokens,
 )
 from ..ops.sequence import gather_sequence
@@ -135,7 +136,10 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             positions = _three_d_positions(position_ids, 0, length, inputs_embeds)
             selection = select_tokens(
                 state, inputs_embeds, visual_mask, token_valid, pad_left=not right_padded,
-                segments=lambda: _visual_segments(token_ids, visual_mask, positions, position_ids is not None),
+                extras={
+                    "segments": lambda: _visual_segments(token_ids, visual_mask, positions, position_ids is not None),
+                    "encoder_attention": lambda: _take_encoder_attention(state, token_ids, visual_token_ids),
+                },
             )
             state.call_record = state.last
             if selection is None:
@@ -160,6 +164,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
         generation_class, _ = cls._classes()
         if isinstance(model, generation_class):
             replace_forward(model, _labelled_forward(model, state), state)
+        if "encoder_attention" in state.method.needs:
+            _install_encoder_attention_probe(core, state)
 
 
 def _visual_mask(token_ids: torch.Tensor, visual_token_ids: tuple[int, int]) -> torch.Tensor:
@@ -206,6 +212,98 @@ def _visual_segments(token_ids, visual_mask, positions, have_positions: bool):
                 start += frames * size
         layout.append(blocks)
     return layout
+
+
+def _install_encoder_attention_probe(core, state: AttachedState) -> None:
+    """Record, per merged visual token, the attention it receives in the vision encoder's
+    last full-attention block (mean over heads and queries of its image, then over the
+    patches merged into it). Only these scores are computed, in chunks of queries; the
+    encoder itself keeps running on whatever attention implementation it uses.
+    """
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    visual = core.visual
+    if not getattr(visual, "fullatt_block_indexes", None):
+        raise ValueError("this vision encoder has no full-attention block to read attention from")
+    attention = visual.blocks[visual.fullatt_block_indexes[-1]].attn
+    merge_unit = visual.spatial_merge_unit
+    probe: dict = {}
+
+    def permute(input_tensor, window_index, seq_len):
+        probe["window_index"] = window_index
+        return original_permute(input_tensor, window_index, seq_len=seq_len)
+
+    def before_attention(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        cu_seqlens = kwargs["cu_seqlens"] if "cu_seqlens" in kwargs else args[1]
+        cos, sin = kwargs["position_embeddings"]
+        with torch.no_grad():
+            length = hidden.shape[0]
+            query, key, _ = module.qkv(hidden).reshape(length, 3, module.num_heads, -1).permute(1, 0, 2, 3).unbind(0)
+            query, key = apply_rotary_pos_emb_vision(query, key, cos, sin)
+            probe["received"] = _attention_received(query, key, cu_seqlens, module.scaling)
+
+    def after_encoder(module, args, output):
+        received, window_index = probe.pop("received", None), probe.pop("window_index", None)
+        if received is None or window_index is None:
+            raise RuntimeError("the vision encoder ran without the attention probe seeing its full-attention block")
+        merged = received.view(-1, merge_unit).mean(1)
+        probe["result"] = merged[torch.argsort(window_index)]
+
+    def features_with_attention(modality, original):
+        @functools.wraps(original)
+        def wrapper(*args, **kwargs):
+            outputs = original(*args, **kwargs)
+            result = probe.pop("result", None)
+            if result is not None:
+                state.encoder_attention[modality] = result
+            return outputs
+
+        return wrapper
+
+    original_permute = visual.permute_input_for_window_attn
+    replace_method(visual, "permute_input_for_window_attn", permute, state)
+    for modality in ("image", "video"):
+        name = f"get_{modality}_features"
+        replace_method(core, name, features_with_attention(modality, getattr(core, name)), state)
+    for handle in (attention.register_forward_pre_hook(before_attention, with_kwargs=True),
+                   visual.register_forward_hook(after_encoder)):
+        state.restore.append(handle.remove)
+
+
+def _attention_received(query, key, cu_seqlens, scaling, chunk: int = 512) -> torch.Tensor:
+    """Mean attention each token receives within its image: ``query``/``key`` ``[S, H, d]`` -> ``[S]``."""
+    received = torch.zeros(query.shape[0], dtype=torch.float32, device=query.device)
+    bounds = cu_seqlens.tolist()
+    for start, end in zip(bounds[:-1], bounds[1:]):
+        keys = key[start:end].transpose(0, 1).float()  # [H, n, d]
+        total = torch.zeros(end - start, dtype=torch.float32, device=query.device)
+        for first in range(start, end, chunk):
+            queries = query[first:min(first + chunk, end)].transpose(0, 1).float()
+            total += torch.softmax(queries @ keys.transpose(1, 2) * scaling, dim=-1).sum((0, 1))
+        received[start:end] = total / (query.shape[1] * (end - start))
+    return received
+
+
+def _take_encoder_attention(state: AttachedState, token_ids, visual_token_ids) -> torch.Tensor:
+    """The recorded attention, placed at the image and video tokens of the sequence ``[B, L]``."""
+    recorded, state.encoder_attention = state.encoder_attention, {}
+    scores = torch.zeros(token_ids.shape, dtype=torch.float32, device=token_ids.device)
+    for modality, token_id in zip(("image", "video"), visual_token_ids):
+        mask = token_ids == token_id
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        values = recorded.get(modality)
+        if values is None or values.numel() != count:
+            found = "none" if values is None else values.numel()
+            raise RuntimeError(
+                f"encoder attention was recorded for {found} {modality} tokens but the batch has {count}; "
+                "it is recorded when the model encodes pixels (pixel_values / pixel_values_videos), "
+                "not for precomputed or expanded encoder outputs"
+            )
+        scores[mask] = values.to(scores.device)
+    return scores
 
 
 def _three_d_positions(position_ids, start: int, length: int, like: torch.Tensor) -> torch.Tensor:

@@ -1,0 +1,73 @@
+"""VisionZip (CVPR 2025): dominant tokens by attention received in the vision encoder,
+plus a few contextual tokens merged from the rest.
+
+Per sample with budget ``k``: ``k_c = floor(contextual_ratio * k)`` contextual and
+``k - k_c`` dominant tokens. Dominant: the tokens that receive the most attention in
+the vision encoder (for encoders without a [CLS] token, such as Qwen's, the mean
+attention received in the last full-attention block, as public ports do). Contextual:
+``k_c`` targets evenly spaced among the remaining tokens; every other remaining token
+joins the target it is most similar to (cosine similarity of the visual embeddings),
+and each target becomes the mean of its group, at the target's place and position.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.topk import hard_topk
+from .base import Selection, SelectionMethod, VisualTokens, register_method
+
+__all__ = ["VisionZipMethod", "merge_contextual"]
+
+
+def merge_contextual(features: torch.Tensor, rest: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge the tokens ``rest`` (indices into ``features`` ``[N, D]``) into ``count`` contextual tokens.
+
+    Returns the target indices ``LongTensor[count]`` and their merged features ``[count, D]``.
+    """
+    targets = rest[((torch.arange(count, device=rest.device) + 0.5) * len(rest) / count).floor().long()]
+    others = rest[~torch.isin(rest, targets)]
+    merged = features[targets].float().clone()
+    sizes = torch.ones(count, device=features.device)
+    if len(others):
+        similarity = F.normalize(features[others].float(), dim=-1) @ F.normalize(features[targets].float(), dim=-1).T
+        group = similarity.argmax(1)
+        merged.index_add_(0, group, features[others].float())
+        sizes.index_add_(0, group, torch.ones(len(others), device=features.device))
+    return targets, (merged / sizes.unsqueeze(1)).to(features.dtype)
+
+
+@register_method
+class VisionZipMethod(SelectionMethod):
+    """Args: contextual_ratio: share of the budget spent on merged contextual tokens."""
+
+    name = "visionzip"
+    description = "dominant tokens by encoder attention received, plus merged contextual tokens (VisionZip)"
+    needs = frozenset({"encoder_attention"})
+
+    def __init__(self, hidden_size: int, contextual_ratio: float = 0.15) -> None:
+        super().__init__(hidden_size)
+        if not 0.0 <= contextual_ratio < 1.0:
+            raise ValueError(f"contextual_ratio must be in [0, 1), got {contextual_ratio}")
+        self.contextual_ratio = float(contextual_ratio)
+
+    def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
+        keep = torch.zeros_like(tokens.valid)
+        features = tokens.features.clone()
+        counts = tokens.valid.sum(1).tolist()
+        for row, (n, k) in enumerate(zip(counts, budget.tolist())):
+            if k == 0:
+                continue
+            contextual = int(self.contextual_ratio * k) if k < n else 0
+            dominant = hard_topk(tokens.encoder_attention[row, :n].float(), k - contextual)
+            keep[row, :n] = dominant
+            if contextual:
+                rest = torch.nonzero(~dominant).flatten()
+                targets, merged = merge_contextual(tokens.features[row, :n], rest, contextual)
+                keep[row, targets] = True
+                features[row, targets] = merged
+        return Selection(keep, features)
+
+    def config_dict(self) -> dict:
+        return {"contextual_ratio": self.contextual_ratio}
