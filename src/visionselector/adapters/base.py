@@ -51,6 +51,12 @@ class PrefillMemory:
     full_length: int
     compact_length: int
     compact_mask: torch.Tensor  # BoolTensor[B, compact_length]
+    # Decoder layers before this one keep the full sequence in the cache (0: all are compacted).
+    first_pruned_layer: int = 0
+
+    def appended(self, past_length: int) -> int:
+        """Tokens added after the prompt, given the cache length of layer 0."""
+        return past_length - (self.compact_length if self.first_pruned_layer == 0 else self.full_length)
 
 
 @dataclass
@@ -70,6 +76,7 @@ class AttachedState:
     last_losses: dict = field(default_factory=dict)
     restore: list = field(default_factory=list)  # callables that undo each patch, in order of patching
     encoder_attention: dict = field(default_factory=dict)  # modality -> per-token attention received
+    layer_pruning: Any = None  # the per-call context of pruning inside the language model
     current_input_ids: torch.Tensor | None = None
     current_grids: tuple = (None, None)
 
@@ -194,7 +201,7 @@ def select_tokens(
     with torch.no_grad():
         chosen = method.select(tokens, budget)
     keep_visual = chosen.keep & visual.valid
-    _check_budget(method, keep_visual, budget, visual.counts)
+    check_budget(method, keep_visual, budget, visual.counts)
     embeds = inputs_embeds
     if chosen.features is not None:
         values = torch.where(keep_visual.unsqueeze(-1), chosen.features.to(inputs_embeds.dtype), visual.features)
@@ -209,7 +216,7 @@ def select_tokens(
     return HardSelection(index, valid, record, embeds)
 
 
-def _check_budget(method: SelectionMethod, keep: torch.Tensor, budget: torch.Tensor, counts: torch.Tensor) -> None:
+def check_budget(method: SelectionMethod, keep: torch.Tensor, budget: torch.Tensor, counts: torch.Tensor) -> None:
     """A method keeps exactly the budget (or, if it says it follows its own grid, at least one
     token of every sample that has any); anything else is a bug worth a loud error."""
     kept = keep.sum(1)
@@ -221,12 +228,14 @@ def _check_budget(method: SelectionMethod, keep: torch.Tensor, budget: torch.Ten
         raise RuntimeError(f"method {method.name!r} kept {kept.tolist()} visual tokens for budgets {budget.tolist()}")
 
 
-def remember_prefill(state: AttachedState, cache, full_length: int, compact_valid: torch.Tensor) -> None:
+def remember_prefill(state: AttachedState, cache, full_length: int, compact_valid: torch.Tensor,
+                     first_pruned_layer: int = 0) -> None:
     """Keep what decoding steps on ``cache`` need; forget it when there is no cache."""
     if cache is None:
         state.prefill = None
         return
-    state.prefill = PrefillMemory(weakref.ref(cache), full_length, compact_valid.shape[1], compact_valid)
+    state.prefill = PrefillMemory(weakref.ref(cache), full_length, compact_valid.shape[1], compact_valid,
+                                  first_pruned_layer)
 
 
 def decode_attention_mask(
@@ -239,9 +248,9 @@ def decode_attention_mask(
     mask is replaced by the mask of the compacted prompt.
     """
     memory = state.prefill
-    appended = past_length - memory.compact_length
+    appended = memory.appended(past_length)
     full_total = memory.full_length + appended + query_length
-    compact_total = past_length + query_length
+    compact_total = memory.compact_length + appended + query_length
     if attention_mask is None:
         if bool(memory.compact_mask.all()):
             return None

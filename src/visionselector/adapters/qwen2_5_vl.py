@@ -33,6 +33,7 @@ from .base import (
     select_tokens,
 )
 from ..ops.sequence import gather_sequence
+from .layer_pruning import LayerPruning, install_layer_pruning
 
 __all__ = ["Qwen2_5_VLAdapter"]
 
@@ -106,10 +107,19 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                 query_length = inputs_embeds.shape[1] if inputs_embeds is not None else input_ids.shape[1]
                 if token_ids is not None and _visual_mask(token_ids, visual_token_ids).any():
                     raise NotImplementedError("adding images to a cache whose visual tokens were pruned is not supported")
-                positions = _three_d_positions(position_ids, past_length - memory.compact_length + memory.full_length,
+                positions = _three_d_positions(position_ids, memory.full_length + memory.appended(past_length),
                                                query_length, inputs_embeds)
                 mask = decode_attention_mask(state, attention_mask, past_length, query_length)
-                return call(attention_mask=mask, position_ids=positions, inputs_embeds=inputs_embeds)
+                if memory.first_pruned_layer == 0:
+                    return call(attention_mask=mask, position_ids=positions, inputs_embeds=inputs_embeds)
+                # Pruned inside the LLM: early layers keep the full mask, later ones get the compacted one.
+                context = LayerPruning(prefill=False, active=True)
+                context.mask = create_mask(inputs_embeds, mask, past_key_values, memory.first_pruned_layer)
+                state.layer_pruning = context
+                try:
+                    return call(attention_mask=attention_mask, position_ids=positions, inputs_embeds=inputs_embeds)
+                finally:
+                    state.layer_pruning = None
 
             if token_ids is None or inputs_embeds is None or token_ids.shape != inputs_embeds.shape[:2]:
                 return call(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
@@ -133,6 +143,19 @@ class Qwen2_5_VLAdapter(ModelAdapter):
                     [visual_mask.new_zeros(0, dtype=torch.long)] * batch, visual_mask.sum(1), state.resolved_mode())
                 return call(attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds)
             right_padded = attention_mask is not None and bool((~token_valid[:, -1]).any())
+            prune_layer = state.method.prune_layer
+            if prune_layer is not None and state.retention < 1.0:
+                context = LayerPruning(prefill=True, visual_mask=visual_mask, token_valid=token_valid,
+                                       pad_left=not right_padded)
+                state.layer_pruning = context
+                try:
+                    outputs = call(attention_mask=attention_mask, position_ids=position_ids,
+                                   inputs_embeds=inputs_embeds)
+                finally:
+                    state.layer_pruning = None
+                remember_prefill(state, context.cache, length, context.compact_valid, prune_layer + 1)
+                return outputs
+
             positions = _three_d_positions(position_ids, 0, length, inputs_embeds)
             selection = select_tokens(
                 state, inputs_embeds, visual_mask, token_valid, pad_left=not right_padded,
@@ -158,6 +181,12 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             remember_prefill(state, getattr(outputs, "past_key_values", None), length, selection.valid)
             return outputs
 
+        def create_mask(embeds, mask_2d, cache, layer_idx):
+            from transformers.masking_utils import create_causal_mask
+
+            return create_causal_mask(config=core.language_model.config, inputs_embeds=embeds,
+                                      attention_mask=mask_2d, past_key_values=cache, layer_idx=layer_idx)
+
         replace_forward(core, model_forward, state)
         replace_forward(core.language_model, text_model_forward, state)
 
@@ -166,6 +195,8 @@ class Qwen2_5_VLAdapter(ModelAdapter):
             replace_forward(model, _labelled_forward(model, state), state)
         if "encoder_attention" in state.method.needs:
             _install_encoder_attention_probe(core, state)
+        if state.method.prune_layer is not None:
+            install_layer_pruning(core.language_model, state, create_mask)
 
 
 def _visual_mask(token_ids: torch.Tensor, visual_token_ids: tuple[int, int]) -> torch.Tensor:

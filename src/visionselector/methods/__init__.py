@@ -7,6 +7,8 @@ from . import uniform as _uniform  # noqa: F401  (registers "uniform")
 from . import pool as _pool  # noqa: F401  (registers "pool")
 from . import divprune as _divprune  # noqa: F401  (registers "divprune")
 from . import visionzip as _visionzip  # noqa: F401  (registers "visionzip")
+from . import fastv as _fastv  # noqa: F401  (registers "fastv")
+from . import dart as _dart  # noqa: F401  (registers "dart")
 from .visionselector import ImportanceScorer
 
 __all__ = ["ImportanceScorer", "Selection", "SelectionMethod", "VisualTokens", "get_method_class", "list_methods", "register_method"]

@@ -26,12 +26,21 @@ class VisualTokens:
     lists sample ``b``'s visual blocks in order as ``(frames, height, width)`` grids of
     tokens, each frame row-major (so a block holds ``frames * height * width``
     consecutive tokens); ``None`` where the model family cannot say.
+
+    Optional signals, present when a method asks for them in ``needs``:
+    ``encoder_attention`` ``[B, N]``, the attention each token receives in the vision
+    encoder; for methods that prune inside the language model (``prune_layer`` set),
+    ``features`` are the hidden states after that layer, ``query_attention`` ``[B, N]``
+    the attention the last token pays each visual token there (mean over heads) and
+    ``key_norms`` ``[B, N]`` the norms of their keys.
     """
 
     features: torch.Tensor
     valid: torch.Tensor
     segments: list[list[tuple[int, int, int]]] | None = None
     encoder_attention: torch.Tensor | None = None
+    query_attention: torch.Tensor | None = None
+    key_norms: torch.Tensor | None = None
 
 
 @dataclass
@@ -60,6 +69,9 @@ class SelectionMethod(nn.Module):
     trainable: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset()
     exact_budget: ClassVar[bool] = True
+    # None: select before the language model. An int K: run decoder layers 0..K on the
+    # full sequence, select from what layer K saw, and run later layers on the kept tokens.
+    prune_layer: int | None = None
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()

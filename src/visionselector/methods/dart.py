@@ -1,0 +1,50 @@
+"""DART (2025): keep the visual tokens that duplicate a few pivot tokens the least.
+
+Decoder layers ``0..K`` (default 2) run on the full sequence. Of each sample's visual
+tokens, the ``num_pivots`` with the largest key norms at layer ``K`` are pivots and are
+kept; the rest of the budget goes to the visual tokens whose hidden states after layer
+``K`` are least similar to any pivot (smallest maximum cosine similarity). Layers after
+``K`` see only the kept tokens and the text.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..ops.topk import hard_topk
+from .base import Selection, SelectionMethod, VisualTokens, register_method
+
+__all__ = ["DartMethod"]
+
+
+@register_method
+class DartMethod(SelectionMethod):
+    """Args: layer: the decoder layer ``K``; num_pivots: pivots per sample (capped by the budget)."""
+
+    name = "dart"
+    description = "keep visual tokens least similar to a few high key-norm pivots at LLM layer K (DART)"
+    needs = frozenset({"key_norms"})
+
+    def __init__(self, hidden_size: int, layer: int = 2, num_pivots: int = 8) -> None:
+        super().__init__(hidden_size)
+        if layer < 0:
+            raise ValueError(f"layer must be a non-negative decoder layer index, got {layer}")
+        if num_pivots < 1:
+            raise ValueError(f"num_pivots must be at least 1, got {num_pivots}")
+        self.prune_layer = int(layer)
+        self.num_pivots = int(num_pivots)
+
+    def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
+        pivots = hard_topk(tokens.key_norms.float(), torch.clamp(budget, max=self.num_pivots), mask=tokens.valid)
+        unit = F.normalize(tokens.features.float(), dim=-1)
+        to_pivots = torch.full(pivots.shape, -torch.inf, device=unit.device)  # [B, N]
+        for row in range(unit.shape[0]):
+            if bool(pivots[row].any()):
+                to_pivots[row] = (unit[row] @ unit[row, pivots[row]].T).amax(-1)
+        # Rank non-pivots by dissimilarity; pivots rank first so they are always kept.
+        ranking = torch.where(pivots, torch.full_like(to_pivots, torch.inf), -to_pivots)
+        return Selection(hard_topk(ranking, budget, mask=tokens.valid))
+
+    def config_dict(self) -> dict:
+        return {"layer": self.prune_layer, "num_pivots": self.num_pivots}
