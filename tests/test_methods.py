@@ -239,3 +239,36 @@ def test_encoder_attention_probe_matches_full_attention_matrices():
     expected = received.view(-1, 4).mean(1)[torch.argsort(window_index)]
     torch.testing.assert_close(recorded, expected, atol=1e-6, rtol=1e-5)
     assert recorded.shape == (16 + 8,)
+
+
+ALL_TRAINING_FREE = ["random", "uniform", "pool", "divprune", "visionzip", "fastv", "dart"]
+
+
+@pytest.mark.parametrize("method", ALL_TRAINING_FREE)
+def test_sdpa_and_eager_agree(method):
+    results = []
+    for attn in ("sdpa", "eager"):
+        model = make_model(attn, text_layers=4)
+        vs.attach(model, method=method, retention=0.3)
+        batch = synthetic_batch(model.config, SAMPLES, padding_side="left", seed=4)
+        with torch.no_grad():
+            logits = model(**batch).logits
+        valid = model._visionselector_state.last.token_valid
+        results.append((logits[valid], [s.tolist() for s in vs.last_selection(model)]))
+    assert results[0][1] == results[1][1]
+    torch.testing.assert_close(results[0][0], results[1][0], atol=2e-5, rtol=1e-4)
+
+
+def test_a_method_needing_what_a_family_cannot_provide_fails_clearly():
+    from visionselector.adapters.base import AttachedState, select_tokens
+    from visionselector.methods.visionzip import VisionZipMethod
+
+    state = AttachedState(adapter=None, method=VisionZipMethod(4), method_name="visionzip", retention=0.5)
+    embeds = torch.randn(1, 6, 4)
+    visual = torch.tensor([[False, True, True, True, True, False]])
+    with pytest.raises(ValueError, match="needs encoder attention, which this model family does not provide"):
+        select_tokens(state, embeds, visual, torch.ones(1, 6, dtype=torch.bool), pad_left=True, extras={})
+
+
+def test_list_methods_names_every_method_once():
+    assert sorted(vs.list_methods()) == sorted(ALL_TRAINING_FREE + ["visionselector"])
