@@ -12,7 +12,7 @@ from visionselector.methods.dart import DartMethod
 from visionselector.methods.fastv import FastVMethod
 from visionselector.presets import SampleSpec, synthetic_batch
 
-from conftest import make_model
+from conftest import full_embeddings, make_model, single_sample
 
 LAYER = 2
 
@@ -70,12 +70,7 @@ def fastv_reference(model, batch, retention, steps):
     row of the last token at layer K ranks the visual tokens, later layers on the kept ones,
     then greedy decoding with positions continuing from the uncompressed sequence."""
     core, text = model.model, model.model.language_model
-    ids = batch["input_ids"]
-    embeds = core.get_input_embeddings()(ids)
-    visual = ids == model.config.image_token_id
-    embeds[visual] = torch.cat(core.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
-    positions, _ = core.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"],
-                                       image_grid_thw=batch["image_grid_thw"])
+    embeds, positions, visual = full_embeddings(model, batch)
     cos, sin = text.rotary_emb(embeds, positions)
     with torch.no_grad():
         eager_attention = model(**batch, output_attentions=True).attentions[LAYER][0, :, -1, :].mean(0)
@@ -163,20 +158,6 @@ SAMPLES = [
 ]
 
 
-def _single(batch, row, image_counts):
-    keep = batch["attention_mask"][row].bool()
-    single = {"input_ids": batch["input_ids"][row, keep][None],
-              "mm_token_type_ids": batch["mm_token_type_ids"][row, keep][None]}
-    single["attention_mask"] = torch.ones_like(single["input_ids"])
-    rows = [int(g.prod()) for g in batch["image_grid_thw"]]
-    first = sum(image_counts[:row])
-    start = sum(rows[:first])
-    stop = start + sum(rows[first:first + image_counts[row]])
-    single["pixel_values"] = batch["pixel_values"][start:stop]
-    single["image_grid_thw"] = batch["image_grid_thw"][first:first + image_counts[row]]
-    return single
-
-
 @pytest.mark.parametrize("method", ["fastv", "dart"])
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -184,13 +165,12 @@ def test_batch_forward_equals_single_samples(method, attn, padding_side):
     model = deep_model(attn)
     vs.attach(model, method=method, retention=0.3)
     batch = synthetic_batch(model.config, SAMPLES, padding_side=padding_side, seed=7)
-    counts = [len(s.images) for s in SAMPLES]
     with torch.no_grad():
         logits = model(**batch).logits
         valid = model._visionselector_state.last.token_valid
         selection = [s.tolist() for s in vs.last_selection(model)]
         for row in range(len(SAMPLES)):
-            single_logits = model(**_single(batch, row, counts)).logits
+            single_logits = model(**single_sample(batch, row, SAMPLES)).logits
             assert vs.last_selection(model)[0].tolist() == selection[row]
             torch.testing.assert_close(logits[row, valid[row]], single_logits[0], atol=2e-5, rtol=1e-4)
     assert [len(s) for s in selection] == [4, 3, 3]
@@ -201,13 +181,12 @@ def test_batched_generate_equals_single_generates(method):
     model = deep_model()
     vs.attach(model, method=method, retention=0.3)
     batch = synthetic_batch(model.config, SAMPLES, padding_side="left", seed=9)
-    counts = [len(s.images) for s in SAMPLES]
     kwargs = dict(max_new_tokens=5, do_sample=False)
     with torch.no_grad():
         batch_ids = model.generate(**batch, **kwargs)
         length = batch["input_ids"].shape[1]
         for row in range(len(SAMPLES)):
-            single = _single(batch, row, counts)
+            single = single_sample(batch, row, SAMPLES)
             single_ids = model.generate(**single, **kwargs)
             assert single_ids[0, single["input_ids"].shape[1]:].tolist() == batch_ids[row, length:].tolist()
 

@@ -8,7 +8,7 @@ import torch
 import visionselector as vs
 from visionselector.presets import SampleSpec, synthetic_batch
 
-from conftest import make_model, randomise_scorer
+from conftest import full_embeddings, make_model, randomise_scorer, single_sample
 
 GENERATE = dict(max_new_tokens=6, do_sample=False)
 
@@ -56,19 +56,7 @@ def reference_prune_and_decode(model, batch, retention, steps):
     core = model.model
     input_ids = batch["input_ids"]
     assert input_ids.shape[0] == 1 and bool(batch["attention_mask"].all())
-    embeds = core.get_input_embeddings()(input_ids)
-    visual = (input_ids == model.config.image_token_id) | (input_ids == model.config.video_token_id)
-    features = []
-    if "pixel_values" in batch:
-        features += list(core.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
-    if "pixel_values_videos" in batch:
-        features += list(core.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"]).pooler_output)
-    # Images come before videos in these samples, matching the placeholder order.
-    embeds[visual] = torch.cat(features)
-    positions, _ = core.get_rope_index(
-        input_ids, mm_token_type_ids=batch["mm_token_type_ids"], image_grid_thw=batch.get("image_grid_thw"),
-        video_grid_thw=batch.get("video_grid_thw"), second_per_grid_ts=batch.get("second_per_grid_ts"),
-    )
+    embeds, positions, visual = full_embeddings(model, batch)
     visual_positions = torch.nonzero(visual[0]).flatten()
     n = len(visual_positions)
     k = max(1, math.floor(retention * n + 1e-9))
@@ -146,27 +134,11 @@ def test_batch_forward_equals_single_samples(attn, padding_side):
         batch_out = model(**batch, labels=labels)
         batch_selection = vs.last_selection(model)
         valid = model._visionselector_state.last.token_valid
-        for row, spec in enumerate(SAMPLES):
-            single = synthetic_batch(model.config, [spec], seed=7)
-            # Same sample: rebuild it from the batch row so text tokens and pixels agree.
-            keep = batch["attention_mask"][row].bool()
-            single["input_ids"] = batch["input_ids"][row, keep][None]
-            single["attention_mask"] = torch.ones_like(single["input_ids"])
-            single["mm_token_type_ids"] = batch["mm_token_type_ids"][row, keep][None]
-            single["pixel_values"], single["image_grid_thw"] = _images_of(model.config, batch, row)
+        for row in range(len(SAMPLES)):
+            single = single_sample(batch, row, SAMPLES)
             single_out = model(**single)
             assert vs.last_selection(model)[0].tolist() == batch_selection[row].tolist()
             torch.testing.assert_close(batch_out.logits[row, valid[row]], single_out.logits[0], atol=2e-5, rtol=1e-4)
-
-
-def _images_of(config, batch, row):
-    """The pixel rows and grids of sample ``row`` of a synthetic image batch."""
-    per_image = [int(g.prod()) for g in batch["image_grid_thw"]]
-    counts = [len(spec.images) for spec in SAMPLES]
-    first = sum(counts[:row])
-    start = sum(per_image[:first])
-    stop = start + sum(per_image[first:first + counts[row]])
-    return batch["pixel_values"][start:stop], batch["image_grid_thw"][first:first + counts[row]]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])
@@ -180,13 +152,7 @@ def test_batched_generate_equals_single_generates_with_left_padding(attn):
         batch_selection = vs.last_selection(model)
         length = batch["input_ids"].shape[1]
         for row in range(len(SAMPLES)):
-            keep = batch["attention_mask"][row].bool()
-            single = {
-                "input_ids": batch["input_ids"][row, keep][None],
-                "mm_token_type_ids": batch["mm_token_type_ids"][row, keep][None],
-            }
-            single["attention_mask"] = torch.ones_like(single["input_ids"])
-            single["pixel_values"], single["image_grid_thw"] = _images_of(model.config, batch, row)
+            single = single_sample(batch, row, SAMPLES)
             single_ids = model.generate(**single, **GENERATE)
             assert single_ids[0, single["input_ids"].shape[1]:].tolist() == batch_ids[row, length:].tolist()
             assert vs.last_selection(model)[0].tolist() == batch_selection[row].tolist()

@@ -5,7 +5,7 @@ import visionselector as vs
 from visionselector.presets import SampleSpec, synthetic_batch
 from visionselector.training import CurriculumSchedule, SelectorTrainingConfig, train_selector
 
-from conftest import make_model
+from conftest import full_embeddings, make_model
 
 
 def labelled_batch(model, seed=0):
@@ -65,11 +65,7 @@ def teacher_labels(model, batch, retention, direction):
     is lowest when the soft mask equals the indicator of T."""
     core = model.model
     ids = batch["input_ids"]
-    embeds = core.get_input_embeddings()(ids)
-    visual = ids == model.config.image_token_id
-    embeds[visual] = torch.cat(core.get_image_features(batch["pixel_values"], batch["image_grid_thw"]).pooler_output)
-    positions, _ = core.get_rope_index(ids, mm_token_type_ids=batch["mm_token_type_ids"],
-                                       image_grid_thw=batch["image_grid_thw"], attention_mask=batch["attention_mask"])
+    embeds, positions, visual = full_embeddings(model, batch)
     target = torch.zeros_like(visual)
     for row in range(ids.shape[0]):
         where = torch.nonzero(visual[row]).flatten()

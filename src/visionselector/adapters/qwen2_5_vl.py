@@ -226,7 +226,7 @@ def _visual_segments(token_ids, visual_mask, positions, have_positions: bool):
             while end < length and row_mask[end] and row_ids[end] == row_ids[start]:
                 end += 1
             while start < end:  # one run of placeholders may hold several blocks
-                t0, h0, w0 = row_t[start], row_h[start], row_w[start]
+                h0, w0 = row_h[start], row_w[start]
                 width = 1
                 while start + width < end and row_h[start + width] == h0 and row_w[start + width] == w0 + width:
                     width += 1
