@@ -44,6 +44,12 @@ def main(argv: list[str] | None = None) -> int:
         from .demo import DemoConfig, run_demo
 
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
+        from .methods import list_methods
+
+        if values["method"] not in list_methods():
+            print(f"error: unknown method {values['method']!r}; known methods: {', '.join(list_methods())}",
+                  file=sys.stderr)
+            return 2
         values["retentions"] = tuple(values["retentions"])
         for retention in values["retentions"]:
             if not 0 < retention <= 1:

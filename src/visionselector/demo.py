@@ -20,6 +20,7 @@ __all__ = ["DemoConfig", "run_demo"]
 class DemoConfig:
     """Settings of :func:`run_demo`."""
 
+    method: str = field(default="visionselector", metadata={"help": "selection method (see 'visionselector methods')"})
     retentions: tuple[float, ...] = field(default=(1.0, 0.5, 0.2, 0.1), metadata={"help": "retentions to time"})
     image_size: int = field(default=672, metadata={"help": "image side in pixels (patches of 14, merged 2x2)"})
     batch_size: int = field(default=2, metadata={"help": "samples per batch (images of two sizes)"})
@@ -70,14 +71,14 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     batch = synthetic_batch(model.config, samples, seed=config.seed)
     visual = [int((row == model.config.image_token_id).sum()) for row in batch["input_ids"]]
     parameters = sum(p.numel() for p in model.parameters())
-    print_fn(f"Qwen2.5-VL (random weights, {parameters / 1e6:.1f}M parameters, {config.text_layers} decoder layers "
+    print_fn(f"method {config.method}; Qwen2.5-VL (random weights, {parameters / 1e6:.1f}M parameters, {config.text_layers} decoder layers "
              f"of width {config.hidden_size}, SDPA, {torch.get_num_threads()} CPU threads)")
     print_fn(f"batch of {len(samples)}: visual tokens per sample {visual}, "
              f"sequence length {batch['input_ids'].shape[1]} (left padding)")
 
     with torch.no_grad():
         reference_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
-    vs.attach(model, method="visionselector", retention=1.0)
+    vs.attach(model, method=config.method, retention=1.0)
     with torch.no_grad():
         same_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
     no_op = bool(torch.equal(reference_ids, same_ids))
@@ -115,6 +116,7 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     print_fn("")
     print_fn(f"generate at retention 0.2 (same call as before): new token ids {pruned_ids[:, length:].tolist()}")
     print_fn(f"visual tokens kept by sample 0 (first 12 of {len(selection[0])}): {selection[0][:12].tolist()}")
-    print_fn("(an untrained scorer; train one with visionselector.train_selector)")
+    if config.method == "visionselector":
+        print_fn("(an untrained scorer; train one with visionselector.train_selector)")
     vs.detach(model)
     return {"no_op": no_op, "rows": rows, "visual_tokens": visual}
