@@ -13,12 +13,23 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "") + f" (default: {default})"
         if isinstance(default, tuple):
-            parser.add_argument(flag, type=float, nargs="+", default=default, help=help_text)
+            kind = str if default and isinstance(default[0], str) else float
+            parser.add_argument(flag, type=kind, nargs="+", default=default, help=help_text)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
             kind = int if field.type in ("int", "int | None") else float if field.type == "float" else str
+            if field.type == "int | None" or field.type == "str | None":
+                kind = _optional(kind)
             parser.add_argument(flag, type=kind, default=default, help=help_text)
+
+
+def _optional(kind):
+    def parse(text: str):
+        return None if text.lower() == "none" else kind(text)
+
+    parse.__name__ = kind.__name__
+    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -29,6 +40,10 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="attach to a random Qwen2.5-VL, generate, and time prefill")
     _add_dataclass_arguments(demo, DemoConfig)
     commands.add_parser("methods", help="list the selection methods")
+    from .eval.bench import BenchConfig
+
+    bench = commands.add_parser("bench", help="prefill speed, latency, memory and FLOPs per method and retention")
+    _add_dataclass_arguments(bench, BenchConfig)
     return parser
 
 
@@ -56,6 +71,17 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"error: retention must be in (0, 1], got {retention}", file=sys.stderr)
                 return 2
         run_demo(DemoConfig(**values))
+        return 0
+    if args.command == "bench":
+        from .eval.bench import BenchConfig, run_bench
+
+        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}
+        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+        try:
+            run_bench(BenchConfig(**values))
+        except ValueError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         return 0
     return 2
 

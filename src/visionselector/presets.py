@@ -64,6 +64,57 @@ def tiny_qwen2_5_vl_config(*, text_layers: int = 2, hidden_size: int = 64, visio
     )
 
 
+# The published Qwen2.5-VL widths (config.json of the 3B and 7B instruct checkpoints).
+ARCHITECTURES = {
+    "qwen2.5-vl-3b": dict(hidden_size=2048, text_layers=36, heads=16, kv_heads=2, intermediate_size=11008,
+                          vocab_size=151936, tie_word_embeddings=True),
+    "qwen2.5-vl-7b": dict(hidden_size=3584, text_layers=28, heads=28, kv_heads=4, intermediate_size=18944,
+                          vocab_size=152064, tie_word_embeddings=False),
+}
+VISION_7B_3B = dict(vision_depth=32, vision_hidden=1280, vision_intermediate=3420, vision_heads=16,
+                    fullatt_block_indexes=[7, 15, 23, 31])
+
+
+def architecture_config(name: str, *, text_layers: int | None = None, vision_layers: int | None = None,
+                        attn_implementation: str = "sdpa"):
+    """The config of a published architecture (random weights are enough to time it), optionally
+    keeping only the first ``text_layers`` decoder layers and ``vision_layers`` vision blocks
+    (the last kept vision block always uses full attention, as in the original)."""
+    from transformers import Qwen2_5_VLConfig
+
+    if name not in ARCHITECTURES:
+        raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
+    text = dict(ARCHITECTURES[name])
+    layers = text.pop("text_layers") if text_layers is None else text_layers
+    tie = text.pop("tie_word_embeddings")
+    depth = VISION_7B_3B["vision_depth"] if vision_layers is None else vision_layers
+    if not 1 <= layers <= ARCHITECTURES[name]["text_layers"] or not 1 <= depth <= VISION_7B_3B["vision_depth"]:
+        raise ValueError(f"{name} has {ARCHITECTURES[name]['text_layers']} decoder layers and "
+                         f"{VISION_7B_3B['vision_depth']} vision blocks; got {layers} and {depth}")
+    full_attention = [i for i in VISION_7B_3B["fullatt_block_indexes"] if i < depth - 1] + [depth - 1]
+    hidden = text.pop("hidden_size")
+    half = hidden // text["heads"] // 2
+    config = Qwen2_5_VLConfig(
+        text_config=dict(
+            vocab_size=text["vocab_size"], hidden_size=hidden, intermediate_size=text["intermediate_size"],
+            num_hidden_layers=layers, num_attention_heads=text["heads"], num_key_value_heads=text["kv_heads"],
+            max_position_embeddings=128000, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
+            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                             "mrope_section": [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]},
+        ),
+        vision_config=dict(
+            depth=depth, hidden_size=VISION_7B_3B["vision_hidden"], intermediate_size=VISION_7B_3B["vision_intermediate"],
+            num_heads=VISION_7B_3B["vision_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=112, out_hidden_size=hidden, fullatt_block_indexes=full_attention, tokens_per_second=2,
+        ),
+        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+        vision_end_token_id=VISION_END_ID, tie_word_embeddings=tie,
+    )
+    for sub_config in (config, config.text_config, config.vision_config):
+        sub_config._attn_implementation = attn_implementation
+    return config
+
+
 def build_qwen2_5_vl(config=None, *, seed: int = 0, dtype: torch.dtype = torch.float32):
     """A randomly initialised ``Qwen2_5_VLForConditionalGeneration`` in eval mode."""
     from transformers import Qwen2_5_VLForConditionalGeneration

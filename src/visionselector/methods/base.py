@@ -69,8 +69,10 @@ class SelectionMethod(nn.Module):
     trainable: ClassVar[bool] = False
     needs: ClassVar[frozenset[str]] = frozenset()
     exact_budget: ClassVar[bool] = True
-    # None: select before the language model. An int K: run decoder layers 0..K on the
-    # full sequence, select from what layer K saw, and run later layers on the kept tokens.
+    # Methods that prune inside the language model set inside_llm and, per instance,
+    # prune_layer = K: decoder layers 0..K run on the full sequence, the method selects
+    # from what layer K saw, and later layers run on the kept tokens.
+    inside_llm: ClassVar[bool] = False
     prune_layer: int | None = None
 
     def __init__(self, hidden_size: int) -> None:

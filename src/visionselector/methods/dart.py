@@ -24,6 +24,7 @@ class DartMethod(SelectionMethod):
 
     name = "dart"
     description = "keep visual tokens least similar to a few high key-norm pivots at LLM layer K (DART)"
+    inside_llm = True
     needs = frozenset({"key_norms"})
 
     def __init__(self, hidden_size: int, layer: int = 2, num_pivots: int = 8) -> None:

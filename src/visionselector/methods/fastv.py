@@ -23,6 +23,7 @@ class FastVMethod(SelectionMethod):
 
     name = "fastv"
     description = "drop visual tokens least attended by the last token at LLM layer K (FastV)"
+    inside_llm = True
     needs = frozenset({"query_attention"})
 
     def __init__(self, hidden_size: int, layer: int = 2) -> None:

@@ -1,0 +1,1 @@
+"""Evaluation: the efficiency benchmark (``bench``)."""

@@ -1,0 +1,63 @@
+"""The efficiency benchmark: its report, FLOP accounting and files (no timing is asserted)."""
+
+import json
+
+import pytest
+
+from visionselector.eval.bench import BenchConfig, run_bench
+
+from conftest import make_model
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("bench")
+    make_model(text_layers=4).save_pretrained(folder / "model")
+    config = BenchConfig(model=str(folder / "model"), methods=("visionselector", "fastv"), retentions=(1.0, 0.5, 0.25),
+                         image_size=64, repeats=1, warmup=0, new_tokens=2, out=str(folder / "out"))
+    lines = []
+    result = run_bench(config, print_fn=lines.append)
+    return result, lines, folder / "out"
+
+
+def records_of(report, method):
+    return {r["retention"]: r for r in report["records"] if r["method"] == method}
+
+
+def test_report_has_every_variant_and_writes_files(report):
+    result, lines, out = report
+    assert len(result["records"]) == 6
+    assert json.loads((out / "bench.json").read_text())["records"] == result["records"]
+    assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
+    assert any("of limit" in line for line in lines)
+    assert result["visual_tokens_per_sample"] == 64
+
+
+def test_flops_follow_the_kept_tokens(report):
+    result, _, _ = report
+    base = result["baseline"]["flops"]
+    learned = records_of(result, "visionselector")
+    assert learned[1.0]["flops"]["total"] == base["total"]  # retention 1 is a no-op: no scorer, same sequence
+    assert [learned[r]["tokens_kept"] for r in (1.0, 0.5, 0.25)] == [64, 32, 16]
+    for retention in (0.5, 0.25):
+        flops = learned[retention]["flops"]
+        assert flops["vision_encoder"] == base["vision_encoder"]  # the encoder always sees the whole image
+        assert 0 < flops["scorer"] and flops["language_model"] < base["language_model"]
+        # The method's FLOPs exceed the limit's only by the scorer's.
+        limit_total = base["total"] / learned[retention]["flop_limit_speedup"]
+        assert flops["total"] - flops["scorer"] == pytest.approx(limit_total, rel=0.02)
+    assert learned[0.25]["kv_cache_mib"] < learned[0.5]["kv_cache_mib"] < learned[1.0]["kv_cache_mib"]
+
+
+def test_methods_pruning_inside_the_llm_have_no_pre_llm_limit(report):
+    result, _, _ = report
+    fastv = records_of(result, "fastv")
+    assert fastv[0.5]["of_limit"] is None and records_of(result, "visionselector")[0.5]["of_limit"] is not None
+    assert fastv[0.25]["flops"]["language_model"] < fastv[1.0]["flops"]["language_model"]
+
+
+def test_bad_settings_fail_before_timing(tmp_path):
+    with pytest.raises(ValueError, match="known methods"):
+        run_bench(BenchConfig(model="qwen2.5-vl-7b", methods=("nope",)))
+    with pytest.raises(ValueError, match="architecture preset"):
+        run_bench(BenchConfig(model=str(tmp_path / "missing")))
