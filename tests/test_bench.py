@@ -38,6 +38,8 @@ def test_flops_follow_the_kept_tokens(report):
     base = result["baseline"]["flops"]
     learned = records_of(result, "visionselector")
     assert learned[1.0]["flops"]["total"] == base["total"]  # retention 1 is a no-op: no scorer, same sequence
+    for flops in [base] + [r["flops"] for r in result["records"]]:
+        assert flops["vision_encoder"] + flops["scorer"] + flops["language_model"] == flops["total"]
     assert [learned[r]["tokens_kept"] for r in (1.0, 0.5, 0.25)] == [64, 32, 16]
     for retention in (0.5, 0.25):
         flops = learned[retention]["flops"]

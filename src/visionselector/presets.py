@@ -18,6 +18,15 @@ IMAGE_ID, VIDEO_ID, VISION_START_ID, VISION_END_ID = 100, 101, 102, 103
 FIRST_TEXT_ID, VOCAB_SIZE = 4, 128
 
 
+def _mrope_section(head_dim: int) -> list[int]:
+    """Rotary frequencies split over (time, height, width) in Qwen's 1:1.5:1.5 proportion
+    ([16, 24, 24] for head_dim 128)."""
+    half = head_dim // 2
+    temporal = half // 4
+    height = (half - temporal) // 2
+    return [temporal, height, half - temporal - height]
+
+
 def qwen2_5_vl_config(*, hidden_size: int, text_layers: int, heads: int, kv_heads: int, intermediate_size: int,
                       vocab_size: int, vision_depth: int, vision_hidden: int, vision_heads: int, patch_size: int,
                       window_size: int, attn_implementation: str = "sdpa", rope_theta: float = 1e6,
@@ -26,16 +35,12 @@ def qwen2_5_vl_config(*, hidden_size: int, text_layers: int, heads: int, kv_head
     and full-attention vision blocks, 2x2 patch merger, M-RoPE), using this module's token ids."""
     from transformers import Qwen2_5_VLConfig
 
-    half = hidden_size // heads // 2
-    # Split the rotary frequencies over (time, height, width) in Qwen's 1:1.5:1.5 proportion.
-    temporal = half // 4
-    height = (half - temporal) // 2
     text_config = dict(
         vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
         num_hidden_layers=text_layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
         max_position_embeddings=32768, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
         rope_parameters={"rope_type": "default", "rope_theta": rope_theta,
-                         "mrope_section": [temporal, height, half - temporal - height]},
+                         "mrope_section": _mrope_section(hidden_size // heads)},
     )
     text_config.update(text_overrides)
     config = Qwen2_5_VLConfig(
@@ -93,14 +98,13 @@ def architecture_config(name: str, *, text_layers: int | None = None, vision_lay
                          f"{VISION_7B_3B['vision_depth']} vision blocks; got {layers} and {depth}")
     full_attention = [i for i in VISION_7B_3B["fullatt_block_indexes"] if i < depth - 1] + [depth - 1]
     hidden = text.pop("hidden_size")
-    half = hidden // text["heads"] // 2
     config = Qwen2_5_VLConfig(
         text_config=dict(
             vocab_size=text["vocab_size"], hidden_size=hidden, intermediate_size=text["intermediate_size"],
             num_hidden_layers=layers, num_attention_heads=text["heads"], num_key_value_heads=text["kv_heads"],
             max_position_embeddings=128000, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
             rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": [half // 4, (half - half // 4) // 2, half - half // 4 - (half - half // 4) // 2]},
+                             "mrope_section": _mrope_section(hidden // text["heads"])},
         ),
         vision_config=dict(
             depth=depth, hidden_size=VISION_7B_3B["vision_hidden"], intermediate_size=VISION_7B_3B["vision_intermediate"],

@@ -194,16 +194,18 @@ def _flops_by_part(model, run) -> dict:
         for suffix in suffixes:
             prefix = f"{root}.{suffix}"
             under = {name for name in counts if name == prefix or name.startswith(prefix + ".")}
-            total += sum(counts[name] for name in under if name.rsplit(".", 1)[0] not in under)
+            total += sum(counts[name] for name in under if not any(
+                name.startswith(other + ".") for other in under))
         return total
 
-    result = {
+    scorer = part("visual_token_selector")
+    return {
         "total": counts.get("Global", 0),
         "vision_encoder": part("model.visual"),
-        "scorer": part("visual_token_selector"),
-        "language_model": part("model.language_model", "lm_head"),
+        "scorer": scorer,
+        # The scorer runs inside the language model's (wrapped) forward; count it once.
+        "language_model": part("model.language_model", "lm_head") - scorer,
     }
-    return result
 
 
 def _limit_runner(model, batch, kept_per_sample: int, text_tokens: int, device, dtype):
