@@ -65,6 +65,7 @@ class Variant:
     kv_cache_mib: float | None = None
     peak_mib: float | None = None
     flops: dict | None = None
+    attn_while_attached: str | None = None
 
 
 def _resolve(config: BenchConfig):
@@ -322,6 +323,7 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
             variant.flops = _flops_by_part(model, prefill)
             variant.kv_cache_mib = _cache_mib(prefill().past_key_values)
             variant.tokens_kept = statistics.mean(len(s) for s in vs.last_selection(model))
+            variant.attn_while_attached = model.model.language_model.config._attn_implementation
         vs.detach(model)
 
     records = _records(baseline, variants, limits, visual_per_sample)
@@ -360,6 +362,7 @@ def _summary(variant: Variant) -> dict:
         "kv_cache_mib": variant.kv_cache_mib,
         "peak_mib": variant.peak_mib,
         "flops": variant.flops,
+        "attn_while_attached": variant.attn_while_attached,
     }
 
 
@@ -400,20 +403,20 @@ def format_table(report: dict) -> str:
         + (f", generate {base['generate_ms']:.0f} ms" if base["generate_ms"] else ""),
         "",
         f"{'method':>14} {'ret':>5} {'kept':>6} {'prefill ms':>11} {'range':>15} {'speed-up':>8} {'limit':>7}"
-        f" {'of limit':>8} {'FLOP lim':>8} {'scorer':>8} {'gen ms':>8} {'KV MiB':>7} {'peak MiB':>8}",
+        f" {'of limit':>8} {'FLOP x':>7} {'FLOP lim':>8} {'scorer':>8} {'gen ms':>8} {'KV MiB':>7} {'peak MiB':>8}",
     ]
     for r in report["records"]:
         lines.append(
             f"{r['method']:>14} {r['retention']:>5.2f} {r['tokens_kept']:>6.0f} {r['prefill_ms']:>11.1f}"
             f" {r['prefill_ms_min']:>7.1f}..{r['prefill_ms_max']:<7.1f}{r['speedup']:>7.2f}x {r['limit_speedup']:>6.2f}x"
             + (f" {r['of_limit'] * 100:>7.0f}%" if r["of_limit"] is not None else f" {'n/a':>8}")
-            + f" {r['flop_limit_speedup']:>7.2f}x {r['scorer_share'] * 100:>7.3f}%"
+            + f" {r['flop_speedup']:>6.2f}x {r['flop_limit_speedup']:>7.2f}x {r['scorer_share'] * 100:>7.3f}%"
             f" {(r['generate_ms'] or math.nan):>8.0f} {(r['kv_cache_mib'] or math.nan):>7.1f}"
             f" {(r['peak_mib'] if r['peak_mib'] is not None else math.nan):>8.0f}"
         )
     lines.append("speed-up: unpatched / method prefill; limit: unpatched / (same model on the already-shortened "
-                 "sequence); of limit: speed-up / limit (n/a for methods that prune inside the LLM); FLOP lim: FLOP "
-                 "ratio of the same; scorer: share of prefill FLOPs")
+                 "sequence); of limit: speed-up / limit (n/a for methods that prune inside the LLM); FLOP x: FLOP "
+                 "ratio unpatched / method; FLOP lim: FLOP ratio of the limit; scorer: share of prefill FLOPs")
     return "\n".join(lines)
 
 
