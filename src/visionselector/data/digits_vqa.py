@@ -1,0 +1,213 @@
+"""DigitsVQA: a visual question answering task built from data that packages bundle.
+
+Each 448 x 448 image (16 x 16 = 256 visual tokens for Qwen2.5-VL's 14-pixel patches
+merged 2 x 2) is a cluttered scene: real handwritten digits from scikit-learn's
+``load_digits``, some framed by coloured boxes, and coloured shapes, over random lines
+and dots. A question is about a small part of the scene, so most visual tokens are
+irrelevant to it and the few relevant ones differ from question to question. That is
+the regime of text-, chart- and document-VQA, where token compression hurts most.
+The six question types need different evidence, so no single trick wins:
+
+==============  ==========================================  =====================
+type            question                                    answers
+==============  ==========================================  =====================
+read_digit      what digit is in the red box ?              0 .. 9
+colour          what colour is the triangle ?               six colours
+shape           what shape is the blue object ?             circle/square/triangle
+count           how many squares are there ?                0 .. 4 (several regions)
+presence        is there a green circle ?                   yes / no (balanced)
+position        is the red square on the left or the right? left / right
+==============  ==========================================  =====================
+
+Each scene is built for its question so that the answer is unique (one box of the
+asked colour, one shape of the asked kind or colour). Splits are fixed by seed.
+``load_digits`` carries no writer ids, so the test split draws its digits from a
+disjoint block of digit images (the last 497 of 1797) that training never sees.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["COLOURS", "SHAPES", "QUESTION_TYPES", "SPLITS", "Scene", "make_sample", "write_split", "vocabulary"]
+
+IMAGE_SIZE = 448
+CELLS = 4  # the canvas is a 4 x 4 grid of 112-pixel cells; each object gets its own cell
+CELL = IMAGE_SIZE // CELLS
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (230, 200, 30),
+           "purple": (150, 60, 190), "orange": (240, 130, 20)}
+BOX_COLOURS = ("red", "green", "blue")
+SHAPES = ("circle", "square", "triangle")
+QUESTION_TYPES = ("read_digit", "colour", "shape", "count", "presence", "position")
+# name -> (seed offset, digit image indices)
+SPLITS = {"train": (0, range(0, 1300)), "validation": (1_000_000, range(0, 1300)), "test": (2_000_000, range(1300, 1797))}
+
+
+@dataclass
+class Scene:
+    """Objects in grid cells: ``digits`` as (cell, digit image index, box colour or None),
+    ``shapes`` as (cell, shape, colour)."""
+
+    digits: list
+    shapes: list
+
+
+def _digits():
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images, data.target
+
+
+def _free_cells(rng, count, exclude=(), columns=None):
+    cells = [c for c in range(CELLS * CELLS) if c not in exclude and (columns is None or c % CELLS in columns)]
+    return rng.sample(cells, count)
+
+
+def _scene_for(rng: random.Random, kind: str, pool: range, targets) -> tuple[Scene, str, str]:
+    """A scene, a question and its answer, with the answer unique by construction."""
+    n_digits, n_shapes = rng.randint(2, 4), rng.randint(3, 6)
+    cells = _free_cells(rng, n_digits + n_shapes)
+    digit_cells, shape_cells = cells[:n_digits], cells[n_digits:]
+    digits = [(cell, rng.choice(pool), None) for cell in digit_cells]
+    box_colours = rng.sample(BOX_COLOURS, rng.randint(1, min(len(BOX_COLOURS), n_digits)))
+    for index, colour in enumerate(box_colours):
+        cell, image, _ = digits[index]
+        digits[index] = (cell, image, colour)
+    shapes = [(cell, rng.choice(SHAPES), rng.choice(list(COLOURS))) for cell in shape_cells]
+
+    if kind == "read_digit":
+        cell, image, colour = digits[rng.randrange(len(box_colours))]
+        return Scene(digits, shapes), f"what digit is in the {colour} box ?", str(int(targets[image]))
+    if kind == "colour":
+        shape = rng.choice(SHAPES)
+        shapes = [s for s in shapes if s[1] != shape]
+        colour = rng.choice(list(COLOURS))
+        shapes.append((_extra_cell(rng, digits, shapes), shape, colour))
+        return Scene(digits, shapes), f"what colour is the {shape} ?", colour
+    if kind == "shape":
+        colour = rng.choice(list(COLOURS))
+        shapes = [s for s in shapes if s[2] != colour]
+        shape = rng.choice(SHAPES)
+        shapes.append((_extra_cell(rng, digits, shapes), shape, colour))
+        return Scene(digits, shapes), f"what shape is the {colour} object ?", shape
+    if kind == "count":
+        shape = rng.choice(SHAPES)
+        wanted = rng.randint(0, 4)
+        others = [s for s in shapes if s[1] != shape][: max(0, n_shapes - wanted)]
+        shapes = others[:]
+        for _ in range(wanted):
+            shapes.append((_extra_cell(rng, digits, shapes), shape, rng.choice(list(COLOURS))))
+        return Scene(digits, shapes), f"how many {shape}s are there ?", str(wanted)
+    if kind == "presence":
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        shapes = [s for s in shapes if (s[1], s[2]) != (shape, colour)]
+        present = rng.random() < 0.5
+        if present:
+            shapes.append((_extra_cell(rng, digits, shapes), shape, colour))
+        return Scene(digits, shapes), f"is there a {colour} {shape} ?", "yes" if present else "no"
+    if kind == "position":
+        shape, colour = rng.choice(SHAPES), rng.choice(list(COLOURS))
+        shapes = [s for s in shapes if (s[1], s[2]) != (shape, colour)]
+        side = rng.choice(("left", "right"))
+        columns = (0, 1) if side == "left" else (2, 3)
+        used = {c for c, *_ in digits} | {c for c, *_ in shapes}
+        cell = _free_cells(rng, 1, exclude=used, columns=columns)[0]
+        shapes.append((cell, shape, colour))
+        return Scene(digits, shapes), f"is the {colour} {shape} on the left or the right ?", side
+    raise ValueError(f"unknown question type {kind!r}; known: {', '.join(QUESTION_TYPES)}")
+
+
+def _extra_cell(rng, digits, shapes):
+    used = {c for c, *_ in digits} | {c for c, *_ in shapes}
+    return _free_cells(rng, 1, exclude=used)[0]
+
+
+def render(scene: Scene, rng: random.Random, images):
+    """Draw ``scene`` with clutter; returns an RGB ``PIL.Image``."""
+    from PIL import Image, ImageDraw
+
+    canvas = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (236, 236, 232))
+    draw = ImageDraw.Draw(canvas)
+    for _ in range(rng.randint(10, 20)):  # clutter: grey lines and dots
+        shade = rng.randint(150, 210)
+        x0, y0 = rng.randrange(IMAGE_SIZE), rng.randrange(IMAGE_SIZE)
+        if rng.random() < 0.5:
+            draw.line((x0, y0, rng.randrange(IMAGE_SIZE), rng.randrange(IMAGE_SIZE)), fill=(shade,) * 3, width=2)
+        else:
+            radius = rng.randint(2, 5)
+            draw.ellipse((x0 - radius, y0 - radius, x0 + radius, y0 + radius), fill=(shade,) * 3)
+    for cell, image_index, box in scene.digits:
+        left, top = _corner(cell, rng, 64)
+        pixels = (255 - images[image_index] * 15).clip(0, 255).astype("uint8")
+        glyph = Image.fromarray(pixels, mode="L").resize((56, 56), Image.BILINEAR).convert("RGB")
+        canvas.paste(glyph, (left + 4, top + 4))
+        if box is not None:
+            draw.rectangle((left, top, left + 63, top + 63), outline=COLOURS[box], width=4)
+    for cell, shape, colour in scene.shapes:
+        size = rng.randint(34, 50)
+        left, top = _corner(cell, rng, size)
+        box = (left, top, left + size, top + size)
+        if shape == "circle":
+            draw.ellipse(box, fill=COLOURS[colour])
+        elif shape == "square":
+            draw.rectangle(box, fill=COLOURS[colour])
+        else:
+            draw.polygon([(left + size / 2, top), (left, top + size), (left + size, top + size)], fill=COLOURS[colour])
+    return canvas
+
+
+def _corner(cell: int, rng: random.Random, size: int) -> tuple[int, int]:
+    row, column = divmod(cell, CELLS)
+    slack = CELL - size - 4
+    return column * CELL + 2 + rng.randint(0, slack), row * CELL + 2 + rng.randint(0, slack)
+
+
+def make_sample(split: str, index: int, images=None, targets=None) -> tuple[object, str, str, str]:
+    """The ``index``-th sample of ``split``: ``(PIL image, question, answer, question type)``.
+
+    Deterministic: the same split and index always give the same sample.
+    """
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
+    if images is None:
+        images, targets = _digits()
+    offset, pool = SPLITS[split]
+    rng = random.Random(offset + index)
+    kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
+    scene, question, answer = _scene_for(rng, kind, pool, targets)
+    return render(scene, rng, images), question, answer, kind
+
+
+def write_split(directory: str | Path, split: str, count: int, *, progress: bool = True) -> Path:
+    """Write ``count`` samples of ``split`` as PNGs and a LLaVA-style ``{split}.jsonl``."""
+    directory = Path(directory)
+    (directory / "images" / split).mkdir(parents=True, exist_ok=True)
+    images, targets = _digits()
+    path = directory / f"{split}.jsonl"
+    indices = range(count)
+    if progress:
+        from tqdm.auto import tqdm
+
+        indices = tqdm(indices, desc=f"writing {split}", unit="image")
+    with path.open("w") as out:
+        for index in indices:
+            image, question, answer, kind = make_sample(split, index, images, targets)
+            relative = f"images/{split}/{index:06d}.png"
+            image.save(directory / relative)
+            record = {"id": f"{split}-{index}", "image": relative, "type": kind,
+                      "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                        {"from": "gpt", "value": answer}]}
+            out.write(json.dumps(record) + "\n")
+    return path
+
+
+def vocabulary() -> list[str]:
+    """Every word the task's questions and answers use."""
+    words = {"what", "digit", "is", "in", "the", "box", "?", "colour", "shape", "object", "how", "many", "are",
+             "there", "a", "on", "left", "or", "right", "yes", "no"}
+    words |= set(COLOURS) | set(SHAPES) | {f"{s}s" for s in SHAPES} | {str(d) for d in range(10)}
+    return sorted(words)

@@ -1,0 +1,85 @@
+import json
+
+import pytest
+
+pytest.importorskip("sklearn")
+pytest.importorskip("PIL")
+
+from visionselector.data import read_conversations  # noqa: E402
+from visionselector.data.digits_vqa import (  # noqa: E402
+    QUESTION_TYPES, SPLITS, _digits, _scene_for, make_sample, vocabulary, write_split,
+)
+
+
+def test_samples_are_deterministic_and_sized_for_256_tokens():
+    a = make_sample("train", 7)
+    b = make_sample("train", 7)
+    assert a[1:] == b[1:] and a[0].tobytes() == b[0].tobytes()
+    assert a[0].size == (448, 448)  # 32 x 32 patches of 14 -> 16 x 16 = 256 merged tokens
+    assert make_sample("test", 7)[0].tobytes() != a[0].tobytes()
+
+
+def test_answers_are_unique_by_construction():
+    import random
+
+    images, targets = _digits()
+    for seed in range(300):
+        rng = random.Random(seed)
+        kind = QUESTION_TYPES[seed % len(QUESTION_TYPES)]
+        scene, question, answer = _scene_for(rng, kind, range(0, 1300), targets)
+        cells = [c for c, *_ in scene.digits] + [c for c, *_ in scene.shapes]
+        assert len(cells) == len(set(cells))  # one object per cell
+        words = question.split()
+        if kind == "read_digit":
+            boxed = [d for d in scene.digits if d[2] == words[5]]
+            assert len(boxed) == 1 and str(int(targets[boxed[0][1]])) == answer
+        elif kind == "colour":
+            assert [s[2] for s in scene.shapes if s[1] == words[4]] == [answer]
+        elif kind == "shape":
+            assert [s[1] for s in scene.shapes if s[2] == words[4]] == [answer]
+        elif kind == "count":
+            assert sum(s[1] + "s" == words[2] for s in scene.shapes) == int(answer)
+        elif kind == "presence":
+            present = any((s[2], s[1]) == (words[3], words[4]) for s in scene.shapes)
+            assert answer == ("yes" if present else "no")
+        else:
+            (cell,) = [c for c, shape, colour in scene.shapes if (colour, shape) == (words[2], words[3])]
+            assert answer == ("left" if cell % 4 < 2 else "right")
+
+
+def test_every_question_type_and_answer_is_in_the_vocabulary():
+    words = set(vocabulary())
+    seen_types, answers = set(), {}
+    for index in range(120):
+        _, question, answer, kind = make_sample("validation", index)
+        assert set(question.split()) <= words and answer in words
+        seen_types.add(kind)
+        answers.setdefault(kind, set()).add(answer)
+    assert seen_types == set(QUESTION_TYPES)
+    assert answers["presence"] == {"yes", "no"} and answers["position"] == {"left", "right"}
+
+
+def test_test_split_uses_digit_images_training_never_sees():
+    assert set(SPLITS["test"][1]).isdisjoint(SPLITS["train"][1])
+
+
+def test_written_split_reads_back_as_conversations(tmp_path):
+    path = write_split(tmp_path, "test", 4, progress=False)
+    records = read_conversations(path)
+    assert len(records) == 4 and all(r.images[0].is_file() for r in records)
+    assert records[0].turns[0][0] == "user" and records[0].turns[0][1].startswith("<image>\n")
+    assert records[0].extra["type"] == QUESTION_TYPES[0]
+
+
+def test_conversation_errors_name_the_line(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
+    path.write_text(json.dumps(good) + "\n{oops\n")
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
+        read_conversations(path)
+    path.write_text(json.dumps({**good, "image": ["a.png", "b.png"]}) + "\n")
+    with pytest.raises(ValueError, match=r":1: 2 image\(s\) but 1 '<image>' placeholder"):
+        read_conversations(path)
+    path.write_text(json.dumps({"conversations": [{"from": "robot", "value": "x"}]}) + "\n")
+    with pytest.raises(ValueError, match="'from'"):
+        read_conversations(path)
