@@ -83,3 +83,61 @@ def test_conversation_errors_name_the_line(tmp_path):
     path.write_text(json.dumps({"conversations": [{"from": "robot", "value": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="'from'"):
         read_conversations(path)
+
+
+def test_word_tokenizer_round_trip_and_errors(tmp_path):
+    import torch  # noqa: F401
+
+    from visionselector.data.processor import SPECIAL_TOKENS, WordTokenizer
+
+    tokenizer = WordTokenizer(vocabulary())
+    ids = tokenizer.encode("what digit is in the red box ?")
+    assert tokenizer.decode(ids) == "what digit is in the red box ?"
+    assert tokenizer.encode("zebra") == [tokenizer.unk_id]
+    assert tokenizer.pad_id == 0 and tokenizer.image_id == SPECIAL_TOKENS.index("<image>")
+    tokenizer.save(tmp_path / "vocab.json")
+    assert WordTokenizer.load(tmp_path / "vocab.json").tokens == tokenizer.tokens
+    with pytest.raises(ValueError, match="duplicate"):
+        WordTokenizer(["a", "a"])
+    with pytest.raises(ValueError, match="special"):
+        WordTokenizer(["<pad>"])
+    (tmp_path / "bad.json").write_text("{")
+    with pytest.raises(ValueError, match="cannot read tokenizer"):
+        WordTokenizer.load(tmp_path / "bad.json")
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_processor_batches_run_through_a_qwen2_5_vl_with_a_selector(padding_side):
+    import torch
+
+    import visionselector as vs
+    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.presets import qwen2_5_vl_config
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = WordTokenizer(vocabulary())
+    processor = VQAProcessor(tokenizer, image_pixels=112 * 112)
+    samples = [make_sample("train", i) for i in (0, 3)]
+    batch = processor([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples],
+                      padding_side=padding_side)
+    assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
+    assert (batch["input_ids"] == tokenizer.image_id).sum(1).tolist() == [16, 16]
+    answers = [tokenizer.decode(row[row != -100]) for row in batch["labels"]]
+    assert answers == [s[2] for s in samples]
+    assert ((batch["labels"] == tokenizer.eos_id).sum(1) == 1).all()
+
+    config = qwen2_5_vl_config(hidden_size=64, text_layers=2, heads=4, kv_heads=2, intermediate_size=128,
+                               vocab_size=len(tokenizer), vision_depth=2, vision_hidden=32, vision_heads=2,
+                               patch_size=14, window_size=112)
+    for name, value in processor.model_token_ids().items():
+        setattr(config, name, value)
+    torch.manual_seed(0)
+    model = Qwen2_5_VLForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        assert torch.isfinite(model(**batch).loss)
+    vs.attach(model, retention=0.25)
+    prompt = processor([s[0] for s in samples], [s[1] for s in samples])
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=2, do_sample=False)
+    assert out.shape == (2, prompt["input_ids"].shape[1] + 2)
+    assert [len(s) for s in vs.last_selection(model)] == [4, 4]
