@@ -11,7 +11,7 @@ from torch import nn
 
 from ..ops.topk import hard_topk
 
-__all__ = ["Selection", "SelectionMethod", "VisualTokens", "register_method", "get_method_class", "list_methods"]
+__all__ = ["InsideLLMMethod", "Selection", "SelectionMethod", "VisualTokens", "register_method", "get_method_class", "list_methods"]
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 _REGISTRY: dict[str, type["SelectionMethod"]] = {}
@@ -90,6 +90,21 @@ class SelectionMethod(nn.Module):
     def config_dict(self) -> dict:
         """Constructor options (besides the hidden size) that rebuild this method with its weights."""
         return {}
+
+
+class InsideLLMMethod(SelectionMethod):
+    """Base of methods that prune inside the language model, after decoder layer ``layer``."""
+
+    inside_llm = True
+
+    def __init__(self, hidden_size: int, layer: int = 2) -> None:
+        super().__init__(hidden_size)
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer must be a non-negative decoder layer index, got {layer!r}")
+        self.prune_layer = layer
+
+    def config_dict(self) -> dict:
+        return {"layer": self.prune_layer}
 
 
 def register_method(cls: type[SelectionMethod]) -> type[SelectionMethod]:

@@ -13,27 +13,23 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.topk import hard_topk
-from .base import Selection, SelectionMethod, VisualTokens, register_method
+from .base import InsideLLMMethod, Selection, VisualTokens, register_method
 
 __all__ = ["DartMethod"]
 
 
 @register_method
-class DartMethod(SelectionMethod):
+class DartMethod(InsideLLMMethod):
     """Args: layer: the decoder layer ``K``; num_pivots: pivots per sample (capped by the budget)."""
 
     name = "dart"
     description = "keep visual tokens least similar to a few high key-norm pivots at LLM layer K (DART)"
-    inside_llm = True
     needs = frozenset({"key_norms"})
 
     def __init__(self, hidden_size: int, layer: int = 2, num_pivots: int = 8) -> None:
-        super().__init__(hidden_size)
-        if layer < 0:
-            raise ValueError(f"layer must be a non-negative decoder layer index, got {layer}")
+        super().__init__(hidden_size, layer)
         if num_pivots < 1:
             raise ValueError(f"num_pivots must be at least 1, got {num_pivots}")
-        self.prune_layer = int(layer)
         self.num_pivots = int(num_pivots)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
@@ -48,4 +44,4 @@ class DartMethod(SelectionMethod):
         return Selection(hard_topk(ranking, budget, mask=tokens.valid))
 
     def config_dict(self) -> dict:
-        return {"layer": self.prune_layer, "num_pivots": self.num_pivots}
+        return {**super().config_dict(), "num_pivots": self.num_pivots}

@@ -12,28 +12,18 @@ from __future__ import annotations
 import torch
 
 from ..ops.topk import hard_topk
-from .base import Selection, SelectionMethod, VisualTokens, register_method
+from .base import InsideLLMMethod, Selection, VisualTokens, register_method
 
 __all__ = ["FastVMethod"]
 
 
 @register_method
-class FastVMethod(SelectionMethod):
+class FastVMethod(InsideLLMMethod):
     """Args: layer: the decoder layer ``K`` whose last-token attention ranks the visual tokens."""
 
     name = "fastv"
     description = "drop visual tokens least attended by the last token at LLM layer K (FastV)"
-    inside_llm = True
     needs = frozenset({"query_attention"})
-
-    def __init__(self, hidden_size: int, layer: int = 2) -> None:
-        super().__init__(hidden_size)
-        if layer < 0:
-            raise ValueError(f"layer must be a non-negative decoder layer index, got {layer}")
-        self.prune_layer = int(layer)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         return Selection(hard_topk(tokens.query_attention.float(), budget, mask=tokens.valid))
-
-    def config_dict(self) -> dict:
-        return {"layer": self.prune_layer}
