@@ -141,3 +141,19 @@ def test_processor_batches_run_through_a_qwen2_5_vl_with_a_selector(padding_side
         out = model.generate(**prompt, max_new_tokens=2, do_sample=False)
     assert out.shape == (2, prompt["input_ids"].shape[1] + 2)
     assert [len(s) for s in vs.last_selection(model)] == [4, 4]
+
+
+def test_reference_training_runs_evaluates_and_saves(tmp_path):
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    from visionselector.data.reference_model import ReferenceConfig, evaluate_accuracy, train_reference
+
+    config = ReferenceConfig(hidden_size=64, text_layers=1, vision_hidden=32, vision_depth=1, steps=2, batch_size=2,
+                             warmup_steps=1, eval_samples=6, eval_every=0)
+    lines = []
+    model, processor, log = train_reference(config, tmp_path / "ref", print_fn=lines.append)
+    assert len(log) == 2 and all(entry["loss"] == entry["loss"] for entry in log)
+    accuracy = log[-1]["validation"]
+    assert set(accuracy) == set(QUESTION_TYPES) | {"all"} and 0.0 <= accuracy["all"] <= 1.0
+    loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ref").eval()
+    assert evaluate_accuracy(loaded, processor, "validation", 6) == accuracy
