@@ -47,6 +47,16 @@ def test_answers_are_unique_by_construction():
             assert answer == ("left" if cell % 4 < 2 else "right")
 
 
+def test_scenes_can_always_be_built():
+    import random
+
+    _, targets = _digits()
+    for seed in range(20000):  # includes scenes where the asked half of the canvas starts full
+        kind = QUESTION_TYPES[seed % len(QUESTION_TYPES)]
+        scene, _, _ = _scene_for(random.Random(seed), kind, range(0, 1300), targets)
+        assert len(scene.digits) + len(scene.shapes) <= 16
+
+
 def test_every_question_type_and_answer_is_in_the_vocabulary():
     words = set(vocabulary())
     seen_types, answers = set(), {}

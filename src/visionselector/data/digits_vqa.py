@@ -115,6 +115,11 @@ def _scene_for(rng: random.Random, kind: str, pool: range, targets) -> tuple[Sce
         side = rng.choice(("left", "right"))
         columns = (0, 1) if side == "left" else (2, 3)
         used = {c for c, *_ in digits} | {c for c, *_ in shapes}
+        while all(c in used for c in range(CELLS * CELLS) if c % CELLS in columns):
+            # That half is full (at most 4 digits, so shapes fill it): move one shape out of the way.
+            victim = next(s for s in shapes if s[0] % CELLS in columns)
+            shapes.remove(victim)
+            used.discard(victim[0])
         cell = _free_cells(rng, 1, exclude=used, columns=columns)[0]
         shapes.append((cell, shape, colour))
         return Scene(digits, shapes), f"is the {colour} {shape} on the left or the right ?", side
