@@ -153,17 +153,84 @@ def test_processor_batches_run_through_a_qwen2_5_vl_with_a_selector(padding_side
     assert [len(s) for s in vs.last_selection(model)] == [4, 4]
 
 
-def test_reference_training_runs_evaluates_and_saves(tmp_path):
+def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from visionselector.data.reference_model import ReferenceConfig, evaluate_accuracy, train_reference
 
-    config = ReferenceConfig(hidden_size=64, text_layers=1, vision_hidden=32, vision_depth=1, steps=2, batch_size=2,
-                             warmup_steps=1, eval_samples=6, eval_every=0)
+    config = ReferenceConfig(hidden_size=64, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=3, steps=2,
+                             batch_size=2, warmup_steps=1, eval_samples=6, eval_every=0)
     lines = []
-    model, processor, log = train_reference(config, tmp_path / "ref", print_fn=lines.append)
-    assert len(log) == 2 and all(entry["loss"] == entry["loss"] for entry in log)
-    accuracy = log[-1]["validation"]
+    model, processor, log = train_reference(config, tmp_path / "ref", print_fn=lines.append, progress=False)
+    stage1 = [e for e in log if e["stage"] == 1 and "step" in e]
+    stage2 = [e for e in log if e["stage"] == 2]
+    assert len(stage1) == 3 and len(stage2) == 2
+    assert all(e["loss"] == e["loss"] for e in stage1 + stage2)
+    assert "validation_token_accuracy" in log[len(stage1)]
+    accuracy = stage2[-1]["validation"]
     assert set(accuracy) == set(QUESTION_TYPES) | {"all"} and 0.0 <= accuracy["all"] <= 1.0
     loaded = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path / "ref").eval()
     assert evaluate_accuracy(loaded, processor, "validation", 6) == accuracy
+
+
+def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
+    import torch
+
+    from visionselector.data.reference_model import ReferenceConfig, build_reference_model, train_reference
+    from visionselector.data.processor import VQAProcessor, WordTokenizer
+
+    config = ReferenceConfig(hidden_size=64, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=0, steps=2,
+                             batch_size=2, warmup_steps=1, eval_samples=2, eval_every=0)
+    tokenizer = WordTokenizer(vocabulary())
+    processor = VQAProcessor(tokenizer)
+    initial = build_reference_model(config, tokenizer, processor)  # same seed: the weights training starts from
+    model, _, _ = train_reference(config, print_fn=lambda _: None, progress=False)
+    for (name, before), after in zip(initial.state_dict().items(), model.state_dict().values()):
+        if name.startswith("model.visual."):
+            assert torch.equal(before, after), name
+    assert not torch.equal(initial.lm_head.weight, model.lm_head.weight)
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_token_labels_mark_exactly_the_tokens_an_object_covers():
+    from visionselector.data.digits_vqa import LABEL_HEADS, token_labels
+
+    targets = [7]  # digit image 0 shows a 7
+    layout = [
+        # columns 1-3, rows 0-2; row 2 and column 3 are covered 8 px deep (29% of a token), their corner 8 x 8 (8%)
+        (28, 0, 92, 64, {"digit": 0, "box": "green"}),
+        (420, 420, 448, 448, {"shape": "triangle", "colour": "orange"}),  # exactly the last token
+        (0, 420, 5, 448, {"shape": "circle", "colour": "red"}),  # 5 x 28 px: under a fifth of a token
+    ]
+    labels = token_labels(layout, targets).reshape(16, 16, len(LABEL_HEADS))
+    digit_tokens = {(r, c) for r in range(3) for c in range(1, 4)} - {(2, 3)}
+    for row in range(16):
+        for column in range(16):
+            expected = [0, 0, 0, 0]
+            if (row, column) in digit_tokens:
+                expected = [8, 2, 0, 0]
+            if (row, column) == (15, 15):
+                expected = [0, 0, 3, 6]
+            assert labels[row, column].tolist() == expected, (row, column)
+
+
+def test_layout_capture_does_not_change_the_sample():
+    images, targets = _digits()
+    layout = []
+    with_layout = make_sample("test", 5, images, targets, layout=layout)
+    plain = make_sample("test", 5, images, targets)
+    assert with_layout[0].tobytes() == plain[0].tobytes() and with_layout[1:] == plain[1:]
+    assert len(layout) >= 5 and all(0 <= l < r <= 448 and 0 <= t < b <= 448 for l, t, r, b, _ in layout)
+
+
+def test_fast_pixel_path_equals_the_image_processor():
+    import torch
+
+    from visionselector.data.processor import VQAProcessor, WordTokenizer
+
+    processor = VQAProcessor(WordTokenizer(vocabulary()))
+    images = [make_sample("validation", i)[0] for i in range(3)]
+    fast = processor.pixels(images)
+    slow = processor.image_processor(images=images, return_tensors="pt")
+    assert torch.equal(fast["image_grid_thw"], slow["image_grid_thw"])
+    assert torch.allclose(fast["pixel_values"], slow["pixel_values"], atol=1e-6, rtol=0)

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import visionselector as vs
-from visionselector.demo import DemoConfig, run_demo
+from visionselector.eval.speed import SpeedConfig, run_speed
 from visionselector.presets import SampleSpec, synthetic_batch
 
 from conftest import make_model, randomise_scorer
@@ -79,7 +79,7 @@ def test_bfloat16_model_prunes_and_generates():
 
 def test_demo_runs_and_reports_an_exact_no_op():
     lines = []
-    result = run_demo(DemoConfig(image_size=112, text_layers=1, hidden_size=64, repeats=1, new_tokens=2,
+    result = run_speed(SpeedConfig(image_size=112, text_layers=1, hidden_size=64, repeats=1, new_tokens=2,
                                  retentions=(1.0, 0.2)), print_fn=lines.append)
     assert result["no_op"] is True
     assert [row["kept"] for row in result["rows"]] == [[16, 8], [3, 1]]

@@ -1,4 +1,4 @@
-"""Command line: ``visionselector demo`` and ``visionselector methods``."""
+"""Command line: ``visionselector demo | train | eval | show | methods | train-reference | bench | speed``."""
 
 from __future__ import annotations
 
@@ -32,18 +32,34 @@ def _optional(kind):
     return parse
 
 
-def build_parser() -> argparse.ArgumentParser:
-    from .demo import DemoConfig
+def _commands():
+    """name -> (help, config class, runner), imported lazily so ``--help`` stays fast."""
+    from .data.reference_model import ReferenceConfig
+    from .demo import DemoConfig, run_demo
+    from .eval.bench import BenchConfig, run_bench
+    from .eval.speed import SpeedConfig, run_speed
+    from .pipeline import EvalConfig, ShowConfig, TrainConfig, run_eval, run_show, run_train
 
+    return {
+        "demo": ("the reference benchmark end to end: train a selector, evaluate every method, draw selections",
+                 DemoConfig, run_demo),
+        "train": ("train a VisionSelector scorer on a frozen model from conversation JSONL", TrainConfig, run_train),
+        "eval": ("accuracy, tokens kept and prefill time of methods x retentions; table, JSON and plot",
+                 EvalConfig, run_eval),
+        "show": ("draw the visual tokens a method keeps on an image (PNG)", ShowConfig, run_show),
+        "train-reference": ("train the DigitsVQA reference model from scratch", ReferenceRunConfig,
+                            _run_train_reference),
+        "bench": ("prefill speed, latency, memory and FLOPs per method and retention", BenchConfig, run_bench),
+        "speed": ("attach a method to a random Qwen2.5-VL, generate, and time prefill", SpeedConfig, run_speed),
+    }
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionselector", description="Visual token selection for multimodal LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    demo = commands.add_parser("demo", help="attach to a random Qwen2.5-VL, generate, and time prefill")
-    _add_dataclass_arguments(demo, DemoConfig)
     commands.add_parser("methods", help="list the selection methods")
-    from .eval.bench import BenchConfig
-
-    bench = commands.add_parser("bench", help="prefill speed, latency, memory and FLOPs per method and retention")
-    _add_dataclass_arguments(bench, BenchConfig)
+    for name, (help_text, config_class, _) in _commands().items():
+        _add_dataclass_arguments(commands.add_parser(name, help=help_text, description=help_text), config_class)
     return parser
 
 
@@ -55,35 +71,72 @@ def main(argv: list[str] | None = None) -> int:
         for name, description in list_methods().items():
             print(f"{name:16} {description}")
         return 0
-    if args.command == "demo":
-        from .demo import DemoConfig, run_demo
+    _, config_class, runner = _commands()[args.command]
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
+    try:
+        _check_common(values)
+        runner(config_class(**values))
+    except (ValueError, FileNotFoundError, TypeError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
 
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(DemoConfig)}
-        from .methods import list_methods
 
-        if values["method"] not in list_methods():
-            print(f"error: unknown method {values['method']!r}; known methods: {', '.join(list_methods())}",
-                  file=sys.stderr)
-            return 2
-        values["retentions"] = tuple(values["retentions"])
-        for retention in values["retentions"]:
+def _check_common(values: dict) -> None:
+    from .methods import list_methods
+
+    known = list_methods()
+    for name in ("method",):
+        if name in values and values[name] not in known:
+            raise ValueError(f"unknown method {values[name]!r}; known methods: {', '.join(known)}")
+    for name in ("methods", "show_methods"):
+        for method in values.get(name) or ():
+            if method not in known and method != "all":
+                raise ValueError(f"unknown method {method!r}; known methods: all, {', '.join(known)}")
+    for name in ("retention", "retentions", "show_retention"):
+        if name not in values or values[name] is None:
+            continue
+        for retention in values[name] if isinstance(values[name], tuple) else (values[name],):
             if not 0 < retention <= 1:
-                print(f"error: retention must be in (0, 1], got {retention}", file=sys.stderr)
-                return 2
-        run_demo(DemoConfig(**values))
-        return 0
-    if args.command == "bench":
-        from .eval.bench import BenchConfig, run_bench
+                raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], got {retention}")
 
-        values = {f.name: getattr(args, f.name) for f in dataclasses.fields(BenchConfig)}
-        values = {k: tuple(v) if isinstance(v, list) else v for k, v in values.items()}
-        try:
-            run_bench(BenchConfig(**values))
-        except ValueError as error:
-            print(f"error: {error}", file=sys.stderr)
-            return 2
-        return 0
-    return 2
+
+@dataclasses.dataclass
+class ReferenceRunConfig:
+    """Settings of ``visionselector train-reference``: where to write, and the model's settings."""
+
+    out: str = dataclasses.field(default="reference-model", metadata={"help": "output directory"})
+    vision_steps: int = dataclasses.field(default=300, metadata={"help": "stage 1 steps (dense token loss)"})
+    steps: int = dataclasses.field(default=2000, metadata={"help": "stage 2 steps (answers)"})
+    eval_every: int = dataclasses.field(default=250, metadata={"help": "validate every this many stage 2 steps"})
+    test_samples: int = dataclasses.field(default=600, metadata={"help": "test examples for the final accuracy"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the weights"})
+    threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads"})
+
+
+def _run_train_reference(config: ReferenceRunConfig) -> None:
+    import json
+    import time
+
+    import torch
+
+    from .data.reference_model import ReferenceConfig, evaluate_accuracy, export_reference, train_reference
+
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    started = time.time()
+    reference = ReferenceConfig(vision_steps=config.vision_steps, steps=config.steps, eval_every=config.eval_every,
+                                seed=config.seed)
+    model, processor, log = train_reference(reference, print_fn=lambda line: print(line, flush=True))
+    seconds = time.time() - started
+    test = evaluate_accuracy(model, processor, "test", config.test_samples)
+    print(json.dumps({"test": test}))
+    export_reference(model, processor, config.out, training={
+        "command": "visionselector " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(reference),
+        "threads": torch.get_num_threads(), "training_seconds": round(seconds, 1),
+        "test_accuracy": test, "test_samples": config.test_samples, "log": log})
+    print(f"wrote {config.out} ({seconds / 60:.1f} min of training; test accuracy {100 * test['all']:.1f}%)")
 
 
 if __name__ == "__main__":

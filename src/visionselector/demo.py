@@ -1,122 +1,130 @@
-"""The demo: attach VisionSelector to a randomly initialised Qwen2.5-VL, generate, and time prefill.
+"""``visionselector demo``: the reference benchmark, end to end, on a CPU.
 
-The weights are random (nothing is downloaded), so the generated tokens mean nothing;
-what the demo shows is the mechanics (tokens kept per sample, the same ``generate``
-call, an exact no-op at retention 1) and the prefill time with and without compression.
+1. Load the shipped reference model (a small Qwen2.5-VL trained on DigitsVQA).
+2. Write a DigitsVQA training set and the test split as conversation JSONL.
+3. Train a VisionSelector scorer at retention 0.2 on the frozen model.
+4. Evaluate it and every training-free method at every retention on the test split.
+5. Draw what a few methods keep on a few test images.
+
+Everything lands in one folder: ``results.md``, ``results.json``, ``accuracy.png``, the
+``show/`` pictures, the selector and the data.
 """
 
 from __future__ import annotations
 
-import statistics
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 
 __all__ = ["DemoConfig", "run_demo"]
+
+# The reference model trained on train-split samples below this index; the selector's
+# training set starts here so that it draws samples the model has not seen.
+SELECTOR_TRAIN_FIRST = 100_000
 
 
 @dataclass
 class DemoConfig:
     """Settings of :func:`run_demo`."""
 
-    method: str = field(default="visionselector", metadata={"help": "selection method (see 'visionselector methods')"})
-    retentions: tuple[float, ...] = field(default=(1.0, 0.5, 0.2, 0.1), metadata={"help": "retentions to time"})
-    image_size: int = field(default=672, metadata={"help": "image side in pixels (patches of 14, merged 2x2)"})
-    batch_size: int = field(default=2, metadata={"help": "samples per batch (images of two sizes)"})
-    text_layers: int = field(default=8, metadata={"help": "decoder layers of the language model"})
-    hidden_size: int = field(default=512, metadata={"help": "language model width"})
-    repeats: int = field(default=5, metadata={"help": "timed prefills per retention (after one warm-up)"})
-    new_tokens: int = field(default=8, metadata={"help": "tokens generated per sample"})
+    out: str = field(default="demo-output", metadata={"help": "output folder"})
+    train_samples: int = field(default=2000, metadata={"help": "DigitsVQA training examples for the selector"})
+    test_samples: int = field(default=480, metadata={"help": "test-split examples to evaluate on"})
+    retention: float = field(default=0.2, metadata={"help": "retention the selector trains at"})
+    epochs: float = field(default=1.0, metadata={"help": "selector training passes over its examples"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "selector learning rate"})
+    batch_size: int = field(default=16, metadata={"help": "selector training batch"})
+    retentions: tuple[float, ...] = field(default=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0), metadata={"help": "retentions to evaluate"})
+    show_examples: int = field(default=2, metadata={"help": "test examples drawn with their kept tokens"})
+    show_methods: tuple[str, ...] = field(default=("visionselector", "visionzip", "divprune", "uniform"),
+                                          metadata={"help": "methods drawn"})
+    show_retention: float = field(default=0.1, metadata={"help": "retention of the drawings"})
+    model: str = field(default="reference", metadata={"help": "'reference' or a reference model directory"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
-    seed: int = field(default=0, metadata={"help": "seed of weights and inputs"})
-
-
-def _demo_model(config: DemoConfig):
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    from .presets import qwen2_5_vl_config
-
-    heads = max(1, config.hidden_size // 64)
-    model_config = qwen2_5_vl_config(
-        hidden_size=config.hidden_size, text_layers=config.text_layers, heads=heads, kv_heads=max(1, heads // 4),
-        intermediate_size=3 * config.hidden_size, vocab_size=4096, vision_depth=4, vision_hidden=256,
-        vision_heads=4, patch_size=14, window_size=112,
-    )
-    torch.manual_seed(config.seed)
-    return Qwen2_5_VLForConditionalGeneration(model_config).eval()
-
-
-def _timed_prefill(model, batch) -> float:
-    start = time.perf_counter()
-    with torch.no_grad():
-        model(**batch, use_cache=True, logits_to_keep=1)
-    return time.perf_counter() - start
+    seed: int = field(default=0, metadata={"help": "seed of the selector's weights and data order"})
+    progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
 def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
-    """Run the demo and return its measurements (also printed)."""
-    import visionselector as vs
-
-    from .presets import SampleSpec, synthetic_batch
+    """Run the whole benchmark; returns the result records and the paths written."""
+    from .data.digits_vqa import write_split
+    from .pipeline import EvalConfig, ShowConfig, TrainConfig, load_model, run_eval, run_show, run_train
 
     config = config or DemoConfig()
     if config.threads:
         torch.set_num_threads(config.threads)
-    model = _demo_model(config)
-    grid = config.image_size // 14
-    grid -= grid % 2
-    sizes = [(grid, grid), (grid // 4 * 2, grid)]  # a square image and one of half its height
-    samples = [SampleSpec(images=[sizes[i % 2]], prefix=12, suffix=20) for i in range(config.batch_size)]
-    batch = synthetic_batch(model.config, samples, seed=config.seed)
-    visual = [int((row == model.config.image_token_id).sum()) for row in batch["input_ids"]]
+    started = time.time()
+    out = Path(config.out)
+    data = out / "data"
+    model, processor = load_model(config.model)
     parameters = sum(p.numel() for p in model.parameters())
-    print_fn(f"method {config.method}; Qwen2.5-VL (random weights, {parameters / 1e6:.1f}M parameters, {config.text_layers} decoder layers "
-             f"of width {config.hidden_size}, SDPA, {torch.get_num_threads()} CPU threads)")
-    print_fn(f"batch of {len(samples)}: visual tokens per sample {visual}, "
-             f"sequence length {batch['input_ids'].shape[1]} (left padding)")
+    print_fn(f"reference model: Qwen2.5-VL, {parameters / 1e6:.2f}M parameters, "
+             f"{model.config.text_config.num_hidden_layers} decoder layers of width {model.config.text_config.hidden_size}; "
+             f"{torch.get_num_threads()} CPU threads")
 
-    with torch.no_grad():
-        reference_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
-    vs.attach(model, method=config.method, retention=1.0)
-    with torch.no_grad():
-        same_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
-    no_op = bool(torch.equal(reference_ids, same_ids))
-    print_fn(f"retention 1.0 is an exact no-op: generated ids identical to the unpatched model: {no_op}")
+    print_fn(f"[1/4] writing {config.train_samples} training and {config.test_samples} test examples to {data}")
+    train_file = write_split(data, "train", config.train_samples, first=SELECTOR_TRAIN_FIRST, name="selector_train",
+                             progress=config.progress)
+    test_file = write_split(data, "test", config.test_samples, progress=config.progress)
 
-    timings: dict[float, list[float]] = {r: [] for r in config.retentions}
-    kept: dict[float, list[int]] = {}
-    for retention in config.retentions:  # warm-up, and the number of tokens each retention keeps
-        vs.set_retention(model, retention)
-        _timed_prefill(model, batch)
-        kept[retention] = [len(s) for s in vs.last_selection(model)]
-    for _ in range(config.repeats):  # interleaved, so drift of the machine affects every variant alike
-        for retention in config.retentions:
-            vs.set_retention(model, retention)
-            timings[retention].append(_timed_prefill(model, batch))
+    print_fn("[2/4] training the selector")
+    selector = out / "selector"
+    trained = run_train(TrainConfig(data=str(train_file), out=str(selector), model=config.model,
+                                    retention=config.retention, epochs=config.epochs, batch_size=config.batch_size,
+                                    learning_rate=config.learning_rate, seed=config.seed, progress=config.progress),
+                        model=model, processor=processor, print_fn=print_fn)
 
-    full = statistics.median(timings[1.0]) if 1.0 in timings else None
+    print_fn("[3/4] evaluating every method at every retention")
+    evaluated = run_eval(EvalConfig(data=str(test_file), out=str(out), model=config.model, selector=str(selector),
+                                    retentions=config.retentions, progress=config.progress),
+                         model=model, processor=processor, print_fn=print_fn)
+
+    print_fn(f"[4/4] drawing kept tokens at retention {config.show_retention:g}")
+    pictures = []
+    for index in range(config.show_examples):
+        for method in config.show_methods:
+            path = out / "show" / f"test{index}_{method}_r{config.show_retention:g}.png"
+            pictures.append(run_show(ShowConfig(out=str(path), model=config.model, method=method,
+                                                retention=config.show_retention,
+                                                selector=str(selector) if method == "visionselector" else None,
+                                                data=str(test_file), index=index),
+                                     model=model, processor=processor, print_fn=lambda *_: None))
+    seconds = time.time() - started
+    summary = _targets(evaluated["records"])
+    (out / "demo.json").write_text(json.dumps({"config": asdict(config), "seconds": round(seconds, 1),
+                                               "selector_training_seconds": round(trained["seconds"], 1),
+                                               "targets": summary}, indent=1) + "\n")
     print_fn("")
-    print_fn(f"{'retention':>9}  {'kept per sample':>16}  {'prefill ms (median)':>20}  {'spread ms':>10}  {'speed-up':>8}")
-    rows = []
-    for retention in config.retentions:
-        median = statistics.median(timings[retention])
-        spread = max(timings[retention]) - min(timings[retention])
-        speedup = full / median if full else float("nan")
-        rows.append({"retention": retention, "kept": kept[retention], "prefill_ms": median * 1e3,
-                     "spread_ms": spread * 1e3, "speedup": speedup})
-        print_fn(f"{retention:>9.2f}  {str(kept[retention]):>16}  {median * 1e3:>20.1f}  {spread * 1e3:>10.1f}  "
-                 f"{speedup:>7.2f}x")
-
-    vs.set_retention(model, 0.2)
-    with torch.no_grad():
-        pruned_ids = model.generate(**batch, max_new_tokens=config.new_tokens, do_sample=False)
-    length = batch["input_ids"].shape[1]
-    selection = vs.last_selection(model)
+    for line in summary["lines"]:
+        print_fn(line)
     print_fn("")
-    print_fn(f"generate at retention 0.2 (same call as before): new token ids {pruned_ids[:, length:].tolist()}")
-    print_fn(f"visual tokens kept by sample 0 (first 12 of {len(selection[0])}): {selection[0][:12].tolist()}")
-    if config.method == "visionselector":
-        print_fn("(an untrained scorer; train one with visionselector.train_selector)")
-    vs.detach(model)
-    return {"no_op": no_op, "rows": rows, "visual_tokens": visual}
+    print_fn(f"done in {seconds / 60:.1f} min. In {out}:")
+    print_fn(f"  results.md      the tables above       results.json  one record per method and retention")
+    print_fn(f"  accuracy.png    accuracy vs retention  show/         kept tokens of {len(pictures)} runs")
+    print_fn(f"  selector/       the trained selector   data/         the examples used")
+    return {"records": evaluated["records"], "paths": evaluated["paths"], "pictures": pictures,
+            "seconds": seconds, "targets": summary}
+
+
+def _targets(records) -> dict:
+    """How the selector fares against the full model and the best training-free method."""
+    cells = {(r.method, r.retention): r.accuracy for r in records}
+    full = next((r.accuracy for r in records if r.retention == 1.0), None)
+    lines, result = [], {"full_accuracy": full}
+    if ("visionselector", 0.3) in cells and full:
+        share = cells["visionselector", 0.3] / full
+        result["share_of_full_at_0.3"] = share
+        lines.append(f"visionselector at retention 0.3 keeps {100 * share:.1f}% of the full-token accuracy "
+                     f"({100 * cells['visionselector', 0.3]:.1f}% vs {100 * full:.1f}%)")
+    at_01 = {m: a for (m, r), a in cells.items() if r == 0.1 and m != "visionselector"}
+    if ("visionselector", 0.1) in cells and at_01:
+        best = max(at_01, key=at_01.get)
+        margin = cells["visionselector", 0.1] - at_01[best]
+        result.update(best_training_free_at_0_1=best, margin_at_0_1=margin)
+        lines.append(f"at retention 0.1 visionselector scores {100 * cells['visionselector', 0.1]:.1f}%, the best "
+                     f"training-free method ({best}) {100 * at_01[best]:.1f}%: {100 * margin:+.1f} points")
+    result["lines"] = lines
+    return result

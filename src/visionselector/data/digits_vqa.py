@@ -131,8 +131,12 @@ def _extra_cell(rng, digits, shapes):
     return _free_cells(rng, 1, exclude=used)[0]
 
 
-def render(scene: Scene, rng: random.Random, images):
-    """Draw ``scene`` with clutter; returns an RGB ``PIL.Image``."""
+def render(scene: Scene, rng: random.Random, images, layout: list | None = None):
+    """Draw ``scene`` with clutter; returns an RGB ``PIL.Image``.
+
+    If ``layout`` is a list, each object's pixel box and attributes are appended to it as
+    ``(left, top, right, bottom, attributes)`` (see :func:`token_labels`).
+    """
     from PIL import Image, ImageDraw
 
     canvas = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (236, 236, 232))
@@ -152,6 +156,8 @@ def render(scene: Scene, rng: random.Random, images):
         canvas.paste(glyph, (left + 4, top + 4))
         if box is not None:
             draw.rectangle((left, top, left + 63, top + 63), outline=COLOURS[box], width=4)
+        if layout is not None:
+            layout.append((left, top, left + 64, top + 64, {"digit": image_index, "box": box}))
     for cell, shape, colour in scene.shapes:
         size = rng.randint(34, 50)
         left, top = _corner(cell, rng, size)
@@ -162,6 +168,8 @@ def render(scene: Scene, rng: random.Random, images):
             draw.rectangle(box, fill=COLOURS[colour])
         else:
             draw.polygon([(left + size / 2, top), (left, top + size), (left + size, top + size)], fill=COLOURS[colour])
+        if layout is not None:
+            layout.append((left, top, left + size, top + size, {"shape": shape, "colour": colour}))
     return canvas
 
 
@@ -171,10 +179,12 @@ def _corner(cell: int, rng: random.Random, size: int) -> tuple[int, int]:
     return column * CELL + 2 + rng.randint(0, slack), row * CELL + 2 + rng.randint(0, slack)
 
 
-def make_sample(split: str, index: int, images=None, targets=None) -> tuple[object, str, str, str]:
+def make_sample(split: str, index: int, images=None, targets=None, *, layout: list | None = None
+                ) -> tuple[object, str, str, str]:
     """The ``index``-th sample of ``split``: ``(PIL image, question, answer, question type)``.
 
-    Deterministic: the same split and index always give the same sample.
+    Deterministic: the same split and index always give the same sample. Pass a list as
+    ``layout`` to receive the objects' boxes (for :func:`token_labels`).
     """
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
@@ -184,16 +194,52 @@ def make_sample(split: str, index: int, images=None, targets=None) -> tuple[obje
     rng = random.Random(offset + index)
     kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
     scene, question, answer = _scene_for(rng, kind, pool, targets)
-    return render(scene, rng, images), question, answer, kind
+    return render(scene, rng, images, layout), question, answer, kind
 
 
-def write_split(directory: str | Path, split: str, count: int, *, progress: bool = True) -> Path:
-    """Write ``count`` samples of ``split`` as PNGs and a LLaVA-style ``{split}.jsonl``."""
+# Per-token label heads of the reference model's dense auxiliary loss: (name, classes);
+# class 0 is "nothing of this kind under the token".
+LABEL_HEADS = (("digit", 11), ("box", 1 + len(BOX_COLOURS)), ("shape", 1 + len(SHAPES)), ("colour", 1 + len(COLOURS)))
+TOKEN_PIXELS = 28  # a merged Qwen2.5-VL token covers 28 x 28 pixels
+_MIN_OVERLAP = 0.2  # an object labels a token when it covers at least this share of the token
+
+
+def token_labels(layout: list, targets) -> "torch.Tensor":
+    """What lies under each visual token of a 448 x 448 scene, from ``make_sample(..., layout=...)``.
+
+    Returns a ``(256, 4)`` long tensor in the model's token order (row-major over the 16 x 16
+    grid), one column per entry of ``LABEL_HEADS``: digit class + 1 (the box around a digit
+    counts as the digit's), box colour + 1, shape + 1 and shape colour + 1; 0 where nothing of
+    that kind covers at least a fifth of the token. Objects never overlap, so labels are unique.
+    """
+    import torch
+
+    side = IMAGE_SIZE // TOKEN_PIXELS
+    labels = torch.zeros(side, side, len(LABEL_HEADS), dtype=torch.long)
+    colours, boxes = list(COLOURS), list(BOX_COLOURS)
+    for left, top, right, bottom, attributes in layout:
+        values = ([int(targets[attributes["digit"]]) + 1, 0 if attributes["box"] is None else boxes.index(attributes["box"]) + 1, 0, 0]
+                  if "digit" in attributes else [0, 0, SHAPES.index(attributes["shape"]) + 1, colours.index(attributes["colour"]) + 1])
+        for row in range(top // TOKEN_PIXELS, min(side, (bottom - 1) // TOKEN_PIXELS + 1)):
+            for column in range(left // TOKEN_PIXELS, min(side, (right - 1) // TOKEN_PIXELS + 1)):
+                height = min(bottom, (row + 1) * TOKEN_PIXELS) - max(top, row * TOKEN_PIXELS)
+                width = min(right, (column + 1) * TOKEN_PIXELS) - max(left, column * TOKEN_PIXELS)
+                if height * width >= _MIN_OVERLAP * TOKEN_PIXELS ** 2:
+                    labels[row, column] = torch.tensor(values)
+    return labels.reshape(side * side, len(LABEL_HEADS))
+
+
+def write_split(directory: str | Path, split: str, count: int, *, first: int = 0, progress: bool = True,
+                name: str | None = None) -> Path:
+    """Write samples ``first .. first + count - 1`` of ``split`` as PNGs and a LLaVA-style
+    ``{name}.jsonl`` (``name`` defaults to the split)."""
     directory = Path(directory)
     (directory / "images" / split).mkdir(parents=True, exist_ok=True)
     images, targets = _digits()
-    path = directory / f"{split}.jsonl"
-    indices = range(count)
+    if count < 1 or first < 0:
+        raise ValueError(f"count must be at least 1 and first non-negative, got count={count}, first={first}")
+    path = directory / f"{name or split}.jsonl"
+    indices = range(first, first + count)
     if progress:
         from tqdm.auto import tqdm
 

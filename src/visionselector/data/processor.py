@@ -80,8 +80,39 @@ class VQAProcessor:
         except ImportError:  # older transformers name the PIL backend like this
             from transformers import Qwen2VLImageProcessor as ImageProcessor
         self.tokenizer = tokenizer
+        self.image_pixels = image_pixels
         self.image_processor = ImageProcessor(min_pixels=image_pixels, max_pixels=image_pixels)
         self.merge_unit = self.image_processor.merge_size ** 2
+
+    def pixels(self, images: list) -> dict[str, torch.Tensor]:
+        """``pixel_values`` and ``image_grid_thw`` for ``images``, exactly as the image processor
+        makes them. Images already at the target size (both sides multiples of 28) take a fast
+        path that only normalises and lays out the patches, about twice as fast as the general one.
+        """
+        import numpy as np
+
+        ip = self.image_processor
+        unit = ip.patch_size * ip.merge_size
+        arrays = [np.asarray(image) for image in images]
+        sizes = {a.shape for a in arrays}
+        if len(sizes) != 1:
+            return self.image_processor(images=images, return_tensors="pt")
+        shape = sizes.pop()
+        if (len(shape) != 3 or shape[2] != 3 or arrays[0].dtype != np.uint8 or shape[0] % unit or shape[1] % unit
+                or shape[0] * shape[1] != self.image_pixels):
+            return self.image_processor(images=images, return_tensors="pt")
+        height, width = shape[:2]
+        pixels = torch.from_numpy(np.stack(arrays)).float().div_(255)
+        pixels = (pixels - torch.tensor(ip.image_mean)) / torch.tensor(ip.image_std)
+        count, p, m, t = len(arrays), ip.patch_size, ip.merge_size, ip.temporal_patch_size
+        rows, columns = height // p, width // p
+        # (B, C, rows/m, m, p, columns/m, m, p) -> merge blocks in raster order, each 2 x 2 patches
+        # of (C, temporal, p, p) values, the image repeated over the temporal patch.
+        patches = pixels.permute(0, 3, 1, 2).reshape(count, 3, rows // m, m, p, columns // m, m, p)
+        patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
+        patches = patches.expand(count, rows // m, columns // m, m, m, 3, t, p, p)
+        grid = torch.tensor([[1, rows, columns]] * count)
+        return {"pixel_values": patches.reshape(count * rows * columns, 3 * t * p * p), "image_grid_thw": grid}
 
     def model_token_ids(self) -> dict[str, int]:
         """The config fields of a model that reads this processor's batches."""
@@ -90,13 +121,23 @@ class VQAProcessor:
                 "vision_start_token_id": t.vision_start_id, "vision_end_token_id": t.vision_end_id}
 
     def __call__(self, images, questions: list[str], answers: list[str] | None = None, *,
-                 padding_side: str = "left") -> dict[str, torch.Tensor]:
+                 padding_side: str = "left", image_grids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Inputs for ``images`` and ``questions`` (and ``answers``, with ``labels`` on them).
+
+        With ``image_grids`` (``[B, 3]``, from encoded images) the images are not read and
+        the batch has no ``pixel_values``: the caller supplies the encoder's output.
+        """
         if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
             raise ValueError(f"got {len(images)} images, {len(questions)} questions"
                              + ("" if answers is None else f" and {len(answers)} answers") + "; they must match")
         if padding_side not in ("left", "right"):
             raise ValueError(f"padding_side must be 'left' or 'right', got {padding_side!r}")
-        vision = self.image_processor(images=list(images), return_tensors="pt")
+        if image_grids is not None:
+            if len(image_grids) != len(questions):
+                raise ValueError(f"got {len(image_grids)} image grids for {len(questions)} questions")
+            vision = {"image_grid_thw": image_grids}
+        else:
+            vision = self.pixels(list(images))
         t = self.tokenizer
         rows, label_rows = [], []
         for index, (grid, question) in enumerate(zip(vision["image_grid_thw"], questions)):
@@ -117,7 +158,9 @@ class VQAProcessor:
             labels[index, span] = torch.tensor(label_row)
         batch = {"input_ids": input_ids, "attention_mask": attention_mask,
                  "mm_token_type_ids": (input_ids == t.image_id).int(),
-                 "pixel_values": vision["pixel_values"], "image_grid_thw": vision["image_grid_thw"]}
+                 "image_grid_thw": vision["image_grid_thw"]}
+        if "pixel_values" in vision:
+            batch["pixel_values"] = vision["pixel_values"]
         if answers is not None:
             batch["labels"] = labels
         return batch

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .digits_vqa import QUESTION_TYPES, _digits, make_sample, vocabulary
+from .digits_vqa import LABEL_HEADS, QUESTION_TYPES, _digits, make_sample, token_labels, vocabulary
 from .processor import VQAProcessor, WordTokenizer
 
 __all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy"]
@@ -23,16 +23,24 @@ __all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evalu
 
 @dataclass
 class ReferenceConfig:
-    """Widths and training settings of the reference model."""
+    """Widths and training settings of the reference model.
 
-    hidden_size: int = field(default=256, metadata={"help": "language model width"})
+    Training has two stages. The vision encoder and its merger first learn, from a dense
+    auxiliary loss, what lies under each visual token (:func:`token_labels`); the language
+    model then learns to answer from those tokens with the encoder frozen. Without the first
+    stage the answer loss alone teaches the encoder far too slowly for a CPU.
+    """
+
+    hidden_size: int = field(default=192, metadata={"help": "language model width (and visual token width)"})
     text_layers: int = field(default=4, metadata={"help": "decoder layers"})
-    vision_hidden: int = field(default=128, metadata={"help": "vision encoder width"})
-    vision_depth: int = field(default=4, metadata={"help": "vision blocks (the last uses full attention)"})
-    steps: int = field(default=2000, metadata={"help": "optimizer steps"})
-    batch_size: int = field(default=16, metadata={"help": "samples per step"})
-    learning_rate: float = field(default=1e-3, metadata={"help": "peak AdamW learning rate"})
-    warmup_steps: int = field(default=100, metadata={"help": "linear warm-up steps"})
+    vision_hidden: int = field(default=96, metadata={"help": "vision encoder width"})
+    vision_depth: int = field(default=3, metadata={"help": "vision blocks (the last uses full attention)"})
+    vision_steps: int = field(default=300, metadata={"help": "stage 1: optimizer steps of the dense token loss"})
+    vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
+    steps: int = field(default=2000, metadata={"help": "stage 2: optimizer steps of the answer loss"})
+    batch_size: int = field(default=16, metadata={"help": "samples per step, both stages"})
+    learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: peak AdamW learning rate"})
+    warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps of each stage"})
     eval_samples: int = field(default=300, metadata={"help": "validation samples per evaluation"})
     eval_every: int = field(default=250, metadata={"help": "evaluate every this many steps (0: only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights"})
@@ -43,7 +51,7 @@ def build_reference_model(config: ReferenceConfig, tokenizer: WordTokenizer, pro
 
     from ..presets import qwen2_5_vl_config
 
-    heads = max(1, config.hidden_size // 64)
+    heads = max(1, config.hidden_size // 64)  # head width 64
     model_config = qwen2_5_vl_config(
         hidden_size=config.hidden_size, text_layers=config.text_layers, heads=heads, kv_heads=max(1, heads // 2),
         intermediate_size=3 * config.hidden_size, vocab_size=len(tokenizer), vision_depth=config.vision_depth,
@@ -82,45 +90,163 @@ def evaluate_accuracy(model, processor: VQAProcessor, split: str, count: int, *,
     return result
 
 
-def train_reference(config: ReferenceConfig, output_dir: str | Path | None = None, *, print_fn=print):
-    """Train from scratch on the train split; return the model, its processor and a log."""
+def _schedule(optimizer, warmup: int, steps: int):
+    def factor(step):
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class TokenLabelHeads(torch.nn.Module):
+    """Linear classifiers of what lies under each visual token (stage 1 only; not saved)."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.heads = torch.nn.ModuleList(torch.nn.Linear(width, classes) for _, classes in LABEL_HEADS)
+
+    def forward(self, tokens: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """tokens (N, D), labels (N, heads) -> (summed cross-entropy, per-head accuracy on labelled tokens)."""
+        loss, accuracy = tokens.new_zeros(()), []
+        for index, head in enumerate(self.heads):
+            logits = head(tokens)
+            loss = loss + torch.nn.functional.cross_entropy(logits, labels[:, index])
+            labelled = labels[:, index] > 0
+            hits = (logits.argmax(-1) == labels[:, index])[labelled]
+            accuracy.append(float(hits.float().mean()) if labelled.any() else float("nan"))
+        return loss, torch.tensor(accuracy)
+
+
+def _visual_tokens(model, batch) -> torch.Tensor:
+    output = model.model.visual(batch["pixel_values"], grid_thw=batch["image_grid_thw"])
+    tokens = getattr(output, "pooler_output", output)
+    return torch.cat(list(tokens)) if isinstance(tokens, (list, tuple)) else tokens
+
+
+def _labelled_batch(processor, split: str, indices, digits):
+    samples, labels = [], []
+    for index in indices:
+        layout: list = []
+        samples.append(make_sample(split, index, *digits, layout=layout))
+        labels.append(token_labels(layout, digits[1]))
+    return samples, torch.cat(labels)
+
+
+def train_reference(config: ReferenceConfig, output_dir: str | Path | None = None, *, print_fn=print,
+                    progress: bool = True):
+    """Train from scratch on the train split; return the model, its processor and a log.
+
+    Stage 1 trains the vision encoder and merger on :func:`token_labels` (``vision_steps``
+    batches); stage 2 freezes them and trains the language model on the answers (``steps``
+    batches). Each stage draws its own training samples; validation is checked along the way.
+    """
+    from tqdm.auto import tqdm
+
     tokenizer = WordTokenizer(vocabulary())
     processor = VQAProcessor(tokenizer)
     model = build_reference_model(config, tokenizer, processor)
     digits = _digits()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=0.01)
-
-    def factor(step):
-        if step < config.warmup_steps:
-            return (step + 1) / config.warmup_steps
-        progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
     log, started = [], time.time()
     model.train()
-    for step in range(config.steps):
+
+    heads = TokenLabelHeads(config.hidden_size)
+    vision_parameters = list(model.model.visual.parameters()) + list(heads.parameters())
+    optimizer = torch.optim.AdamW(vision_parameters, lr=config.vision_learning_rate, weight_decay=0.01)
+    scheduler = _schedule(optimizer, config.warmup_steps, config.vision_steps)
+    bar = tqdm(range(config.vision_steps), desc="reference stage 1 (visual tokens)", disable=not progress)
+    for step in bar:
         first = step * config.batch_size
+        samples, labels = _labelled_batch(processor, "train", range(first, first + config.batch_size), digits)
+        loss, accuracy = heads(_visual_tokens(model, processor.pixels([s[0] for s in samples])), labels)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vision_parameters, 1.0)
+        optimizer.step()
+        scheduler.step()
+        entry = {"stage": 1, "step": step + 1, "loss": round(float(loss.detach()), 4),
+                 "token_accuracy": dict(zip((n for n, _ in LABEL_HEADS), accuracy.tolist())),
+                 "seconds": round(time.time() - started, 1)}
+        bar.set_postfix(loss=f"{entry['loss']:.3f}")
+        log.append(entry)
+    if config.vision_steps:
+        with torch.no_grad():
+            samples, labels = _labelled_batch(processor, "validation", range(64), digits)
+            _, accuracy = heads(_visual_tokens(model, processor.pixels([s[0] for s in samples])), labels)
+        log.append({"stage": 1, "validation_token_accuracy": dict(zip((n for n, _ in LABEL_HEADS), accuracy.tolist()))})
+        print_fn(json.dumps(log[-1]))
+
+    model.model.visual.requires_grad_(False)
+    text_parameters = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(text_parameters, lr=config.learning_rate, weight_decay=0.01)
+    scheduler = _schedule(optimizer, config.warmup_steps, config.steps)
+    offset = config.vision_steps * config.batch_size  # stage 2 sees samples stage 1 did not
+    bar = tqdm(range(config.steps), desc="reference stage 2 (answers)", disable=not progress)
+    for step in bar:
+        first = offset + step * config.batch_size
         samples = [make_sample("train", i, *digits) for i in range(first, first + config.batch_size)]
         batch = processor([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples],
                           padding_side="right")
+        model.model.visual.eval()  # frozen: no dropout or training-mode behaviour
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(text_parameters, 1.0)
         optimizer.step()
         scheduler.step()
-        entry = {"step": step + 1, "loss": float(loss.detach()), "seconds": round(time.time() - started, 1)}
+        entry = {"stage": 2, "step": step + 1, "loss": round(float(loss.detach()), 4),
+                 "seconds": round(time.time() - started, 1)}
+        bar.set_postfix(loss=f"{entry['loss']:.3f}")
         last = step + 1 == config.steps
         if last or (config.eval_every and (step + 1) % config.eval_every == 0):
             entry["validation"] = evaluate_accuracy(model, processor, "validation", config.eval_samples,
                                                     digits=digits)
             print_fn(json.dumps(entry))
         log.append(entry)
+    model.requires_grad_(True)
     model.eval()
     if output_dir is not None:
         output_dir = Path(output_dir)
         model.save_pretrained(output_dir)
         tokenizer.save(output_dir / "vocab.json")
-        (output_dir / "training.json").write_text(json.dumps({"config": asdict(config), "log": log}, indent=1))
+        (output_dir / "training.json").write_text(json.dumps(
+            {"config": asdict(config), "seconds": round(time.time() - started, 1), "log": log}, indent=1))
     return model, processor, log
+
+
+REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
+
+
+def load_reference_model(directory: str | Path | None = None, *, dtype: torch.dtype = torch.float32):
+    """The reference model and its processor: the shipped one, or one written by :func:`train_reference`.
+
+    The shipped weights are stored in float16 to keep the repository small; they are
+    loaded as ``dtype`` (float32 by default: CPUs have no fast float16 kernels).
+    """
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    directory = Path(directory) if directory is not None else REFERENCE_DIR
+    for name in ("config.json", "vocab.json"):
+        if not (directory / name).is_file():
+            raise FileNotFoundError(f"{directory} is not a reference model directory: {name} is missing "
+                                    "(train_reference / 'visionselector train-reference' writes one)")
+    tokenizer = WordTokenizer.load(directory / "vocab.json")
+    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=dtype)
+    if model.config.text_config.vocab_size != len(tokenizer):
+        raise ValueError(f"{directory}: the model's vocabulary has {model.config.text_config.vocab_size} entries, "
+                         f"vocab.json {len(tokenizer)}")
+    return model.eval(), VQAProcessor(tokenizer)
+
+
+def export_reference(model, processor: VQAProcessor, directory: str | Path, *, training: dict | None = None) -> Path:
+    """Save ``model`` as a compact (float16) reference checkpoint with its vocabulary."""
+    import copy
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    half = copy.deepcopy(model).to(torch.float16)
+    half.save_pretrained(directory)
+    processor.tokenizer.save(directory / "vocab.json")
+    if training is not None:
+        (directory / "training.json").write_text(json.dumps(training, indent=1) + "\n")
+    return directory

@@ -12,6 +12,7 @@ the callback and saves only the selector), e.g. under ``torchrun``.
 from __future__ import annotations
 
 import math
+from pathlib import Path
 from dataclasses import dataclass, field, fields
 from typing import Iterable, Mapping
 
@@ -104,7 +105,8 @@ def _cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
 
 def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
                    config: SelectorTrainingConfig | None = None, output_dir: str | None = None,
-                   log_every: int = 0) -> list[dict]:
+                   log_every: int = 0, checkpoint_dir: str | None = None, save_every: int = 0,
+                   resume: bool = False) -> list[dict]:
     """Train a VisionSelector scorer on ``model`` (frozen) for ``steps`` optimizer steps.
 
     Args:
@@ -114,6 +116,12 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
         config: learning rate, curriculum ends and the rest (:class:`SelectorTrainingConfig`).
         output_dir: if given, the selector is saved there at the end.
         log_every: print a line every this many steps (0: never; the progress bar shows the loss).
+        checkpoint_dir: where to keep a resumable checkpoint (the selector, optimizer,
+            schedule and step), written every ``save_every`` steps and at the end.
+        save_every: checkpoint interval in steps (0: only at the end).
+        resume: continue from ``checkpoint_dir`` if it holds a checkpoint. The run then
+            skips the batches already seen (``batches.skip(n)`` if the iterable has it,
+            otherwise by drawing them) and ends exactly as an uninterrupted run would.
 
     Returns:
         One record per step: ``step``, ``loss``, ``language_loss``, ``selection_loss``,
@@ -137,15 +145,22 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
     schedule = CurriculumSchedule(config.lambda_start, config.lambda_end, steps)
     device = model.get_input_embeddings().weight.device
 
+    history, first_step = [], 0
+    if resume and checkpoint_dir is not None and _checkpoint_file(checkpoint_dir).is_file():
+        first_step, history = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler, steps)
+        if hasattr(batches, "skip"):
+            batches.skip(first_step)
     progress = None
     if config.progress:
         from tqdm.auto import tqdm
 
-        progress = tqdm(total=steps, desc="training selector", unit="step")
-    history = []
+        progress = tqdm(total=steps, initial=first_step, desc="training selector", unit="step")
     iterator = _cycle(batches)
+    if first_step and not hasattr(batches, "skip"):
+        for _ in range(first_step):
+            next(iterator)
     try:
-        for step in range(steps):
+        for step in range(first_step, steps):
             batch = next(iterator)
             if "labels" not in batch:
                 raise ValueError("training batches need 'labels' (the answer tokens; -100 elsewhere)")
@@ -174,6 +189,8 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lam=f"{weight:.2f}")
             if log_every and (step + 1) % log_every == 0:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
+            if checkpoint_dir is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
+                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step + 1, steps, history)
     finally:
         if progress is not None:
             progress.close()
@@ -181,6 +198,37 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
     if output_dir is not None:
         save_selector(model, output_dir)
     return history
+
+
+def _checkpoint_file(directory) -> Path:
+    return Path(directory) / "trainer_state.pt"
+
+
+def _save_checkpoint(directory, model, optimizer, scheduler, step: int, steps: int, history: list) -> None:
+    directory = Path(directory)
+    save_selector(model, directory)
+    temporary = directory / "trainer_state.tmp"
+    torch.save({"step": step, "steps": steps, "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "history": history}, temporary)
+    temporary.replace(_checkpoint_file(directory))  # atomic: an interrupted save leaves the last good one
+
+
+def _load_checkpoint(directory, model, optimizer, scheduler, steps: int) -> tuple[int, list]:
+    from ..checkpoint import read_selector
+
+    try:
+        saved = torch.load(_checkpoint_file(directory), weights_only=True)
+        step, saved_steps = int(saved["step"]), int(saved["steps"])
+    except Exception as error:
+        raise ValueError(f"cannot resume from {directory}: unreadable trainer state ({error})") from None
+    if saved_steps != steps:
+        raise ValueError(f"cannot resume from {directory}: it was a run of {saved_steps} steps, this one has {steps} "
+                         "(the schedule depends on the length); start a fresh run or use the same length")
+    _, state_dict = read_selector(directory)
+    get_method(model).load_state_dict(state_dict, strict=True)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    return step, list(saved["history"])
 
 
 def _cycle(batches):

@@ -1,0 +1,252 @@
+"""Quality harness: accuracy, visual tokens kept and prefill time of every method at every retention.
+
+All methods run on the same model, the same examples, the same prompts and the same
+greedy decoding; only the visual tokens the language model reads differ. At retention
+1.0 every method is an exact no-op (the tests check this against the unpatched model),
+so that row is measured once, on the unpatched model, and shared by all methods.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import string
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+__all__ = ["QualityRecord", "normalise_answer", "evaluate_methods", "write_results", "format_table", "plot_results"]
+
+DEFAULT_RETENTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+@dataclass
+class QualityRecord:
+    """One (method, retention) cell of the comparison."""
+
+    method: str = field(metadata={"help": "selection method"})
+    retention: float = field(metadata={"help": "fraction of visual tokens kept"})
+    accuracy: float = field(metadata={"help": "exact-match accuracy, 0 to 1"})
+    tokens_kept: float = field(metadata={"help": "mean visual tokens the language model keeps per sample"})
+    visual_tokens: float = field(metadata={"help": "mean visual tokens per sample before selection"})
+    prefill_ms: float = field(metadata={"help": "mean prefill time per sample (selection and language model)"})
+    samples: int = field(metadata={"help": "examples evaluated"})
+    by_type: dict = field(default_factory=dict, metadata={"help": "accuracy per question type, if known"})
+
+
+def normalise_answer(text: str) -> str:
+    """Lower case, outer whitespace and trailing punctuation removed: ``" Yes."`` -> ``"yes"``."""
+    return text.strip().lower().rstrip(string.punctuation + " ").strip()
+
+
+class _PrefillTimer:
+    """Times the first forward of each ``generate`` call (the prefill) with module hooks."""
+
+    def __init__(self, model) -> None:
+        self.pending, self.started, self.seconds = False, 0.0, 0.0
+        self.handles = [model.register_forward_pre_hook(self._before), model.register_forward_hook(self._after)]
+
+    def arm(self) -> None:
+        self.pending, self.seconds = True, 0.0
+
+    def _before(self, module, args):
+        if self.pending:
+            self.started = time.perf_counter()
+
+    def _after(self, module, args, output):
+        if self.pending:
+            self.seconds, self.pending = time.perf_counter() - self.started, False
+
+    def remove(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def _needs_pixels(method: str) -> bool:
+    from ..methods import get_method_class
+
+    return "encoder_attention" in get_method_class(method).needs
+
+
+def _run(model, processor, examples, batches, *, max_new_tokens: int, attached: bool, progress_bar=None):
+    import visionselector as vs
+
+    tokenizer = processor.tokenizer
+    device = model.get_input_embeddings().weight.device
+    hits, kept, visual, seconds = [], [], [], 0.0
+    timer = _PrefillTimer(model)
+    try:
+        with torch.no_grad():
+            for indices, batch in batches.epoch():
+                inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                timer.arm()
+                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
+                                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+                seconds += timer.seconds
+                counts = (batch["input_ids"] == tokenizer.image_id).sum(1).tolist()
+                visual.extend(counts)
+                kept.extend([len(k) for k in vs.last_selection(model)] if attached else counts)
+                for index, row in zip(indices, output[:, batch["input_ids"].shape[1]:]):
+                    hits.append(normalise_answer(tokenizer.decode(row)) == normalise_answer(examples[index].answer))
+                if progress_bar is not None:
+                    progress_bar.update(len(indices))
+    finally:
+        timer.remove()
+    return hits, kept, visual, seconds
+
+
+def _record(method, retention, examples, hits, kept, visual, seconds) -> QualityRecord:
+    by_type: dict[str, list[bool]] = {}
+    for example, hit in zip(examples, hits):
+        if example.kind is not None:
+            by_type.setdefault(example.kind, []).append(hit)
+    return QualityRecord(
+        method=method, retention=retention, accuracy=sum(hits) / len(hits), tokens_kept=sum(kept) / len(kept),
+        visual_tokens=sum(visual) / len(visual), prefill_ms=1000 * seconds / len(hits), samples=len(hits),
+        by_type={kind: sum(v) / len(v) for kind, v in sorted(by_type.items())},
+    )
+
+
+def evaluate_methods(model, processor, examples, *, methods: list[str], retentions=DEFAULT_RETENTIONS,
+                     selector: str | Path | None = None, cache=None, batch_size: int = 32,
+                     max_new_tokens: int | None = None, progress: bool = True, print_fn=None) -> list[QualityRecord]:
+    """Evaluate every method at every retention; returns one :class:`QualityRecord` per pair.
+
+    Args:
+        model: a supported model, without a method attached.
+        processor: builds its inputs (:class:`~visionselector.data.processor.VQAProcessor`).
+        examples: :class:`~visionselector.data.vqa.VQAExample` list.
+        methods: registered method names; ``visionselector`` needs ``selector``.
+        retentions: values in (0, 1].
+        selector: a directory written by ``save_selector`` (for ``visionselector``).
+        cache: a :class:`~visionselector.data.vqa.FeatureCache` of ``examples``; methods
+            that read the encoder's attention run from pixels regardless.
+        max_new_tokens: answer length limit (default: the longest reference answer in
+            tokens, plus one).
+        print_fn: called with each finished record's one-line summary.
+    """
+    import visionselector as vs
+    from tqdm.auto import tqdm
+
+    from ..data.vqa import ExampleBatches
+    from ..methods import list_methods
+    from ..ops.topk import validate_retention
+
+    known = list_methods()
+    unknown = [m for m in methods if m not in known]
+    if unknown:
+        raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(known)}")
+    retentions = sorted({validate_retention(r) for r in retentions})
+    if "visionselector" in methods and selector is None:
+        raise ValueError("method 'visionselector' needs a trained selector (a directory written by save_selector)")
+    if vs.is_attached(model):
+        raise RuntimeError("detach the selection method first; the harness attaches each method itself")
+    if max_new_tokens is None:
+        max_new_tokens = 1 + max(len(processor.tokenizer.encode(e.answer)) for e in examples)
+    model.eval()
+    pruned = [r for r in retentions if r < 1]
+    total = len(examples) * (len(methods) * len(pruned) + (1.0 in retentions))
+    bar = tqdm(total=total, desc="evaluating", unit="answer", disable=not progress)
+    records = []
+
+    def finish(record):
+        records.append(record)
+        if print_fn is not None:
+            print_fn(f"{record.method:>15} r={record.retention:<5g} accuracy {100 * record.accuracy:5.1f}%  "
+                     f"tokens {record.tokens_kept:6.1f}  prefill {record.prefill_ms:7.2f} ms/sample")
+
+    try:
+        cached = ExampleBatches(examples, processor, batch_size=batch_size, cache=cache)
+        full = None
+        if 1.0 in retentions:
+            bar.set_postfix(method="(all tokens)")
+            full = _run(model, processor, examples, cached, max_new_tokens=max_new_tokens, attached=False,
+                        progress_bar=bar)
+        for method in methods:
+            options = {"selector": selector} if method == "visionselector" else {}
+            vs.attach(model, method=method, retention=pruned[0] if pruned else 1.0, **options)
+            model.eval()
+            batches = cached
+            if cache is not None and _needs_pixels(method):
+                batches = ExampleBatches(examples, processor, batch_size=batch_size, cache=cache, pixels=True)
+            try:
+                for retention in retentions:
+                    if retention == 1.0:
+                        finish(_record(method, 1.0, examples, *full))
+                        continue
+                    vs.set_retention(model, retention)
+                    bar.set_postfix(method=method, retention=retention)
+                    result = _run(model, processor, examples, batches, max_new_tokens=max_new_tokens,
+                                  attached=True, progress_bar=bar)
+                    finish(_record(method, retention, examples, *result))
+            finally:
+                vs.detach(model)
+    finally:
+        bar.close()
+    return records
+
+
+def format_table(records: list[QualityRecord], value: str = "accuracy") -> str:
+    """A Markdown table: one row per method, one column per retention."""
+    retentions = sorted({r.retention for r in records})
+    methods = list(dict.fromkeys(r.method for r in records))
+    cells = {(r.method, r.retention): r for r in records}
+    formats = {"accuracy": lambda r: f"{100 * r.accuracy:.1f}", "tokens_kept": lambda r: f"{r.tokens_kept:.1f}",
+               "prefill_ms": lambda r: f"{r.prefill_ms:.2f}"}
+    if value not in formats:
+        raise ValueError(f"value must be one of {', '.join(formats)}, got {value!r}")
+    lines = ["| method | " + " | ".join(f"r={r:g}" for r in retentions) + " |",
+             "| --- |" + " ---: |" * len(retentions)]
+    for method in methods:
+        lines.append(f"| {method} | " + " | ".join(
+            formats[value](cells[method, r]) if (method, r) in cells else "" for r in retentions) + " |")
+    return "\n".join(lines)
+
+
+def plot_results(records: list[QualityRecord], path: str | Path, title: str = "accuracy vs retention") -> Path:
+    """Accuracy against retention, one line per method (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(7, 4.5), dpi=120)
+    for method in dict.fromkeys(r.method for r in records):
+        points = sorted((r.retention, 100 * r.accuracy) for r in records if r.method == method)
+        style = dict(linewidth=2.5, marker="o") if method == "visionselector" else dict(linewidth=1.2, marker=".")
+        axis.plot([p[0] for p in points], [p[1] for p in points], label=method, **style)
+    axis.set_xscale("log")
+    retentions = sorted({r.retention for r in records})
+    axis.set_xticks(retentions, [f"{r:g}" for r in retentions])
+    axis.minorticks_off()
+    axis.set_xlabel("retention (fraction of visual tokens kept)")
+    axis.set_ylabel("accuracy (%)")
+    axis.set_title(title)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8, loc="lower right")
+    figure.tight_layout()
+    path = Path(path)
+    figure.savefig(path)
+    plt.close(figure)
+    return path
+
+
+def write_results(records: list[QualityRecord], directory: str | Path, *, meta: dict | None = None) -> dict[str, Path]:
+    """Write ``results.json`` (a list of records), ``results.md`` (tables) and ``accuracy.png``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    rows = [asdict(r) for r in records]
+    for row in rows:
+        row.update({k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()})
+    paths = {"json": directory / "results.json", "table": directory / "results.md", "plot": directory / "accuracy.png"}
+    paths["json"].write_text(json.dumps(rows, indent=1) + "\n")
+    text = ["# Accuracy (%)", "", format_table(records), "", "# Visual tokens kept per sample", "",
+            format_table(records, "tokens_kept"), "", "# Prefill time per sample (ms)", "",
+            format_table(records, "prefill_ms"), ""]
+    if meta:
+        text += ["# Run", "", "```json", json.dumps(meta, indent=1), "```", ""]
+    paths["table"].write_text("\n".join(text))
+    plot_results(records, paths["plot"])
+    return paths

@@ -1,0 +1,1 @@
+"""Visualisation: kept tokens over the image (``show``)."""
