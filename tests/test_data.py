@@ -234,3 +234,16 @@ def test_fast_pixel_path_equals_the_image_processor():
     slow = processor.image_processor(images=images, return_tensors="pt")
     assert torch.equal(fast["image_grid_thw"], slow["image_grid_thw"])
     assert torch.allclose(fast["pixel_values"], slow["pixel_values"], atol=1e-6, rtol=0)
+
+
+def test_dense_pretraining_scenes_are_crowded_deterministic_and_use_training_digits_only():
+    from visionselector.data.digits_vqa import make_dense_scene
+
+    images, targets = _digits()
+    for index in range(20):
+        layout = []
+        image = make_dense_scene(index, images, targets, layout=layout)
+        digits = [a["digit"] for *_, a in layout if "digit" in a]
+        assert 6 <= len(digits) <= 12 and all(i in SPLITS["train"][1] for i in digits)
+        assert image.size == (448, 448)
+    assert make_dense_scene(3, images, targets).tobytes() == make_dense_scene(3, images, targets).tobytes()

@@ -47,7 +47,7 @@ def _commands():
         "eval": ("accuracy, tokens kept and prefill time of methods x retentions; table, JSON and plot",
                  EvalConfig, run_eval),
         "show": ("draw the visual tokens a method keeps on an image (PNG)", ShowConfig, run_show),
-        "train-reference": ("train the DigitsVQA reference model from scratch", ReferenceRunConfig,
+        "train-reference": ("train the DigitsVQA reference model from scratch", _reference_run_config(),
                             _run_train_reference),
         "bench": ("prefill speed, latency, memory and FLOPs per method and retention", BenchConfig, run_bench),
         "speed": ("attach a method to a random Qwen2.5-VL, generate, and time prefill", SpeedConfig, run_speed),
@@ -102,22 +102,24 @@ def _check_common(values: dict) -> None:
                 raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], got {retention}")
 
 
-@dataclasses.dataclass
-class ReferenceRunConfig:
-    """Settings of ``visionselector train-reference``: where to write, and the model's settings."""
+def _reference_run_config():
+    from .data.reference_model import ReferenceConfig
 
-    out: str = dataclasses.field(default="reference-model", metadata={"help": "output directory"})
-    vision_steps: int = dataclasses.field(default=300, metadata={"help": "stage 1 steps (dense token loss)"})
-    steps: int = dataclasses.field(default=2000, metadata={"help": "stage 2 steps (answers)"})
-    eval_every: int = dataclasses.field(default=250, metadata={"help": "validate every this many stage 2 steps"})
-    test_samples: int = dataclasses.field(default=600, metadata={"help": "test examples for the final accuracy"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed of the weights"})
-    threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads"})
+    @dataclasses.dataclass
+    class ReferenceRunConfig(ReferenceConfig):
+        """Settings of ``visionselector train-reference``: the model's, and where the result goes."""
+
+        out: str = dataclasses.field(default="reference-model", metadata={"help": "output directory"})
+        test_samples: int = dataclasses.field(default=600, metadata={"help": "test examples for the final accuracy"})
+        threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads"})
+
+    return ReferenceRunConfig
 
 
 def _run_train_reference(config: ReferenceRunConfig) -> None:
     import json
     import time
+    from pathlib import Path
 
     import torch
 
@@ -126,9 +128,9 @@ def _run_train_reference(config: ReferenceRunConfig) -> None:
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.time()
-    reference = ReferenceConfig(vision_steps=config.vision_steps, steps=config.steps, eval_every=config.eval_every,
-                                seed=config.seed)
-    model, processor, log = train_reference(reference, print_fn=lambda line: print(line, flush=True))
+    reference = ReferenceConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(ReferenceConfig)})
+    model, processor, log = train_reference(reference, Path(config.out) / "checkpoints",
+                                            print_fn=lambda line: print(line, flush=True))
     seconds = time.time() - started
     test = evaluate_accuracy(model, processor, "test", config.test_samples)
     print(json.dumps({"test": test}))

@@ -197,6 +197,25 @@ def make_sample(split: str, index: int, images=None, targets=None, *, layout: li
     return render(scene, rng, images, layout), question, answer, kind
 
 
+def make_dense_scene(index: int, images=None, targets=None, *, layout: list | None = None):
+    """The ``index``-th crowded scene for pretraining a vision encoder: 6 to 12 digits (each
+    boxed with probability 0.4) and shapes in most other cells, drawn like the task's scenes,
+    with digits from the training block only. Returns a ``PIL.Image``; ``layout`` as in
+    :func:`make_sample`. A task scene holds 2 to 4 digits; these hold several times more, so
+    an encoder learns to read digits from fewer images.
+    """
+    if images is None:
+        images, targets = _digits()
+    rng = random.Random(3_000_000 + index)
+    pool = SPLITS["train"][1]
+    n_digits = rng.randint(6, 12)
+    cells = _free_cells(rng, min(CELLS * CELLS, n_digits + rng.randint(2, CELLS * CELLS - n_digits)))
+    digits = [(cell, rng.choice(pool), rng.choice(BOX_COLOURS) if rng.random() < 0.4 else None)
+              for cell in cells[:n_digits]]
+    shapes = [(cell, rng.choice(SHAPES), rng.choice(list(COLOURS))) for cell in cells[n_digits:]]
+    return render(Scene(digits, shapes), rng, images, layout)
+
+
 # Per-token label heads of the reference model's dense auxiliary loss: (name, classes);
 # class 0 is "nothing of this kind under the token".
 LABEL_HEADS = (("digit", 11), ("box", 1 + len(BOX_COLOURS)), ("shape", 1 + len(SHAPES)), ("colour", 1 + len(COLOURS)))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .digits_vqa import LABEL_HEADS, QUESTION_TYPES, _digits, make_sample, token_labels, vocabulary
+from .digits_vqa import LABEL_HEADS, QUESTION_TYPES, _digits, make_dense_scene, make_sample, token_labels, vocabulary
 from .processor import VQAProcessor, WordTokenizer
 
 __all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy"]
@@ -34,10 +34,10 @@ class ReferenceConfig:
     hidden_size: int = field(default=192, metadata={"help": "language model width (and visual token width)"})
     text_layers: int = field(default=4, metadata={"help": "decoder layers"})
     vision_hidden: int = field(default=96, metadata={"help": "vision encoder width"})
-    vision_depth: int = field(default=3, metadata={"help": "vision blocks (the last uses full attention)"})
-    vision_steps: int = field(default=300, metadata={"help": "stage 1: optimizer steps of the dense token loss"})
+    vision_depth: int = field(default=4, metadata={"help": "vision blocks (the last uses full attention)"})
+    vision_steps: int = field(default=700, metadata={"help": "stage 1: optimizer steps of the dense token loss"})
     vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
-    steps: int = field(default=2000, metadata={"help": "stage 2: optimizer steps of the answer loss"})
+    steps: int = field(default=1500, metadata={"help": "stage 2: optimizer steps of the answer loss"})
     batch_size: int = field(default=16, metadata={"help": "samples per step, both stages"})
     learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: peak AdamW learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps of each stage"})
@@ -111,8 +111,10 @@ class TokenLabelHeads(torch.nn.Module):
         loss, accuracy = tokens.new_zeros(()), []
         for index, head in enumerate(self.heads):
             logits = head(tokens)
-            loss = loss + torch.nn.functional.cross_entropy(logits, labels[:, index])
             labelled = labels[:, index] > 0
+            loss = loss + torch.nn.functional.cross_entropy(logits, labels[:, index])
+            if labelled.any():  # objects cover few tokens: weigh them as much as all the background
+                loss = loss + torch.nn.functional.cross_entropy(logits[labelled], labels[labelled, index])
             hits = (logits.argmax(-1) == labels[:, index])[labelled]
             accuracy.append(float(hits.float().mean()) if labelled.any() else float("nan"))
         return loss, torch.tensor(accuracy)
@@ -125,12 +127,16 @@ def _visual_tokens(model, batch) -> torch.Tensor:
 
 
 def _labelled_batch(processor, split: str, indices, digits):
-    samples, labels = [], []
+    """Images and their token labels: crowded pretraining scenes for ``split="dense"``, else task samples."""
+    images, labels = [], []
     for index in indices:
         layout: list = []
-        samples.append(make_sample(split, index, *digits, layout=layout))
+        if split == "dense":
+            images.append(make_dense_scene(index, *digits, layout=layout))
+        else:
+            images.append(make_sample(split, index, *digits, layout=layout)[0])
         labels.append(token_labels(layout, digits[1]))
-    return samples, torch.cat(labels)
+    return images, torch.cat(labels)
 
 
 def train_reference(config: ReferenceConfig, output_dir: str | Path | None = None, *, print_fn=print,
@@ -157,8 +163,8 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     bar = tqdm(range(config.vision_steps), desc="reference stage 1 (visual tokens)", disable=not progress)
     for step in bar:
         first = step * config.batch_size
-        samples, labels = _labelled_batch(processor, "train", range(first, first + config.batch_size), digits)
-        loss, accuracy = heads(_visual_tokens(model, processor.pixels([s[0] for s in samples])), labels)
+        images, labels = _labelled_batch(processor, "dense", range(first, first + config.batch_size), digits)
+        loss, accuracy = heads(_visual_tokens(model, processor.pixels(images)), labels)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(vision_parameters, 1.0)
@@ -171,8 +177,8 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
         log.append(entry)
     if config.vision_steps:
         with torch.no_grad():
-            samples, labels = _labelled_batch(processor, "validation", range(64), digits)
-            _, accuracy = heads(_visual_tokens(model, processor.pixels([s[0] for s in samples])), labels)
+            images, labels = _labelled_batch(processor, "validation", range(64), digits)
+            _, accuracy = heads(_visual_tokens(model, processor.pixels(images)), labels)
         log.append({"stage": 1, "validation_token_accuracy": dict(zip((n for n, _ in LABEL_HEADS), accuracy.tolist()))})
         print_fn(json.dumps(log[-1]))
 
@@ -202,16 +208,21 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
             entry["validation"] = evaluate_accuracy(model, processor, "validation", config.eval_samples,
                                                     digits=digits)
             print_fn(json.dumps(entry))
+            if output_dir is not None and not last:  # a usable model at every evaluation
+                _save(model, tokenizer, Path(output_dir) / "latest", config, log + [entry], started)
         log.append(entry)
     model.requires_grad_(True)
     model.eval()
     if output_dir is not None:
-        output_dir = Path(output_dir)
-        model.save_pretrained(output_dir)
-        tokenizer.save(output_dir / "vocab.json")
-        (output_dir / "training.json").write_text(json.dumps(
-            {"config": asdict(config), "seconds": round(time.time() - started, 1), "log": log}, indent=1))
+        _save(model, tokenizer, Path(output_dir), config, log, started)
     return model, processor, log
+
+
+def _save(model, tokenizer, directory: Path, config: ReferenceConfig, log: list, started: float) -> None:
+    model.save_pretrained(directory)
+    tokenizer.save(directory / "vocab.json")
+    (directory / "training.json").write_text(json.dumps(
+        {"config": asdict(config), "seconds": round(time.time() - started, 1), "log": log}, indent=1))
 
 
 REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
