@@ -247,3 +247,37 @@ def test_dense_pretraining_scenes_are_crowded_deterministic_and_use_training_dig
         assert 6 <= len(digits) <= 12 and all(i in SPLITS["train"][1] for i in digits)
         assert image.size == (448, 448)
     assert make_dense_scene(3, images, targets).tobytes() == make_dense_scene(3, images, targets).tobytes()
+
+
+def test_scene_questions_agree_with_the_generated_question_and_are_unique():
+    import random
+
+    from visionselector.data.digits_vqa import scene_questions
+
+    images, targets = _digits()
+    kinds = set()
+    for index in range(120):
+        layout = []
+        _, question, answer, _ = make_sample("train", index, images, targets, layout=layout)
+        found = scene_questions(layout, targets, random.Random(index))
+        asked = {q: a for q, a, _ in found}
+        assert len(asked) == len(found)  # no question twice
+        if question in asked:
+            assert asked[question] == answer, (index, question)
+        kinds |= {k for *_, k in found}
+    assert kinds == set(QUESTION_TYPES)
+
+
+def test_follow_up_turns_are_labelled_like_the_first():
+    from visionselector.data.processor import VQAProcessor, WordTokenizer
+
+    tokenizer = WordTokenizer(vocabulary())
+    processor = VQAProcessor(tokenizer, image_pixels=112 * 112)
+    image = make_sample("train", 0)[0]
+    batch = processor([image], ["is there a red circle ?"], ["no"], padding_side="right",
+                      follow_ups=[[("how many squares are there ?", "2"), ("what colour is the triangle ?", "blue")]])
+    labels = batch["labels"][0]
+    assert tokenizer.decode(labels[labels != -100]) == "no 2 blue"
+    assert int((labels == tokenizer.eos_id).sum()) == 3
+    words = tokenizer.decode(batch["input_ids"][0])
+    assert words.endswith("is there a red circle ? no how many squares are there ? 2 what colour is the triangle ? blue")

@@ -216,6 +216,46 @@ def make_dense_scene(index: int, images=None, targets=None, *, layout: list | No
     return render(Scene(digits, shapes), rng, images, layout)
 
 
+def scene_questions(layout: list, targets, rng: random.Random) -> list[tuple[str, str, str]]:
+    """Every question of the task's six types that has a unique answer in the scene drawn
+    as ``layout`` (see :func:`make_sample`), as ``(question, answer, type)``: more
+    supervision per image when training a model. Presence questions are drawn at random,
+    half of them about objects that are there.
+    """
+    digits = [(box, a["digit"]) for *box, a in layout if "digit" in a]
+    shapes = [(box, a["shape"], a["colour"]) for *box, a in layout if "shape" in a]
+    found = []
+    for (left, top, right, bottom), image_index in digits:
+        box_colour = next(a["box"] for *b, a in layout if "digit" in a and a["digit"] == image_index
+                          and b == [left, top, right, bottom])
+        if box_colour is not None:
+            found.append((f"what digit is in the {box_colour} box ?", str(int(targets[image_index])), "read_digit"))
+    for shape in SHAPES:
+        same = [s for s in shapes if s[1] == shape]
+        if len(same) == 1:
+            found.append((f"what colour is the {shape} ?", same[0][2], "colour"))
+        if len(same) <= 9:
+            found.append((f"how many {shape}s are there ?", str(len(same)), "count"))
+    for colour in COLOURS:
+        same = [s for s in shapes if s[2] == colour]
+        if len(same) == 1:
+            found.append((f"what shape is the {colour} object ?", same[0][1], "shape"))
+    pairs = {}
+    for box, shape, colour in shapes:
+        pairs.setdefault((shape, colour), []).append(box)
+    for (shape, colour), boxes in pairs.items():
+        if len(boxes) == 1:
+            side = "left" if (boxes[0][0] + boxes[0][2]) / 2 < IMAGE_SIZE / 2 else "right"
+            found.append((f"is the {colour} {shape} on the left or the right ?", side, "position"))
+    present = list(pairs)
+    absent = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in pairs]
+    for group, answer in ((present, "yes"), (absent, "no")):
+        if group:
+            shape, colour = rng.choice(group)
+            found.append((f"is there a {colour} {shape} ?", answer, "presence"))
+    return found
+
+
 # Per-token label heads of the reference model's dense auxiliary loss: (name, classes);
 # class 0 is "nothing of this kind under the token".
 LABEL_HEADS = (("digit", 11), ("box", 1 + len(BOX_COLOURS)), ("shape", 1 + len(SHAPES)), ("colour", 1 + len(COLOURS)))

@@ -121,12 +121,17 @@ class VQAProcessor:
                 "vision_start_token_id": t.vision_start_id, "vision_end_token_id": t.vision_end_id}
 
     def __call__(self, images, questions: list[str], answers: list[str] | None = None, *,
-                 padding_side: str = "left", image_grids: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                 padding_side: str = "left", image_grids: torch.Tensor | None = None,
+                 follow_ups: list[list[tuple[str, str]]] | None = None) -> dict[str, torch.Tensor]:
         """Inputs for ``images`` and ``questions`` (and ``answers``, with ``labels`` on them).
 
         With ``image_grids`` (``[B, 3]``, from encoded images) the images are not read and
         the batch has no ``pixel_values``: the caller supplies the encoder's output.
+        ``follow_ups`` (training) appends more ``(question, answer)`` turns about the same
+        image after the first answer, each labelled like it.
         """
+        if follow_ups is not None and (answers is None or len(follow_ups) != len(questions)):
+            raise ValueError("follow_ups need answers and one list of (question, answer) turns per sample")
         if len(images) != len(questions) or (answers is not None and len(answers) != len(questions)):
             raise ValueError(f"got {len(images)} images, {len(questions)} questions"
                              + ("" if answers is None else f" and {len(answers)} answers") + "; they must match")
@@ -145,8 +150,13 @@ class VQAProcessor:
             prompt = [t.bos_id, t.vision_start_id] + [t.image_id] * visual + [t.vision_end_id]
             prompt += t.encode(question) + [t.answer_id]
             target = [] if answers is None else t.encode(answers[index]) + [t.eos_id]
-            rows.append(prompt + target)
-            label_rows.append([-100] * len(prompt) + target)
+            row, label_row = prompt + target, [-100] * len(prompt) + target
+            for question_words, answer_words in (follow_ups[index] if follow_ups is not None else ()):
+                turn = t.encode(question_words) + [t.answer_id]
+                reply = t.encode(answer_words) + [t.eos_id]
+                row, label_row = row + turn + reply, label_row + [-100] * len(turn) + reply
+            rows.append(row)
+            label_rows.append(label_row)
         length = max(len(row) for row in rows)
         input_ids = torch.full((len(rows), length), t.pad_id, dtype=torch.long)
         attention_mask = torch.zeros((len(rows), length), dtype=torch.long)

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-from .digits_vqa import LABEL_HEADS, QUESTION_TYPES, _digits, make_dense_scene, make_sample, token_labels, vocabulary
+from .digits_vqa import (
+    LABEL_HEADS, QUESTION_TYPES, _digits, make_dense_scene, make_sample, scene_questions, token_labels, vocabulary,
+)
 from .processor import VQAProcessor, WordTokenizer
 
 __all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy"]
@@ -37,10 +40,15 @@ class ReferenceConfig:
     vision_depth: int = field(default=4, metadata={"help": "vision blocks (the last uses full attention)"})
     vision_steps: int = field(default=700, metadata={"help": "stage 1: optimizer steps of the dense token loss"})
     vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
-    steps: int = field(default=1500, metadata={"help": "stage 2: optimizer steps of the answer loss"})
+    steps: int = field(default=1000, metadata={"help": "stage 2: optimizer steps of the answer loss"})
     batch_size: int = field(default=16, metadata={"help": "samples per step, both stages"})
     learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: peak AdamW learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps of each stage"})
+    follow_ups: int = field(default=5, metadata={"help": "stage 2: extra questions about each image after its own"})
+    vision_from: str | None = field(default=None, metadata={
+        "help": "take the trained vision encoder and merger from this reference checkpoint and skip stage 1"})
+    init_from: str | None = field(default=None, metadata={
+        "help": "continue from this reference checkpoint: all its weights, no stage 1"})
     eval_samples: int = field(default=300, metadata={"help": "validation samples per evaluation"})
     eval_every: int = field(default=250, metadata={"help": "evaluate every this many steps (0: only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights"})
@@ -155,12 +163,19 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     digits = _digits()
     log, started = [], time.time()
     model.train()
+    vision_steps = config.vision_steps
+    if config.vision_from is not None and config.init_from is not None:
+        raise ValueError("give vision_from or init_from, not both")
+    for source, whole in ((config.vision_from, False), (config.init_from, True)):
+        if source is not None:
+            _load_weights(model, source, whole=whole)
+            vision_steps = 0
 
     heads = TokenLabelHeads(config.hidden_size)
     vision_parameters = list(model.model.visual.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(vision_parameters, lr=config.vision_learning_rate, weight_decay=0.01)
-    scheduler = _schedule(optimizer, config.warmup_steps, config.vision_steps)
-    bar = tqdm(range(config.vision_steps), desc="reference stage 1 (visual tokens)", disable=not progress)
+    scheduler = _schedule(optimizer, config.warmup_steps, vision_steps)
+    bar = tqdm(range(vision_steps), desc="reference stage 1 (visual tokens)", disable=not progress)
     for step in bar:
         first = step * config.batch_size
         images, labels = _labelled_batch(processor, "dense", range(first, first + config.batch_size), digits)
@@ -175,7 +190,7 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
                  "seconds": round(time.time() - started, 1)}
         bar.set_postfix(loss=f"{entry['loss']:.3f}")
         log.append(entry)
-    if config.vision_steps:
+    if vision_steps:
         with torch.no_grad():
             images, labels = _labelled_batch(processor, "validation", range(64), digits)
             _, accuracy = heads(_visual_tokens(model, processor.pixels(images)), labels)
@@ -190,9 +205,14 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     bar = tqdm(range(config.steps), desc="reference stage 2 (answers)", disable=not progress)
     for step in bar:
         first = offset + step * config.batch_size
-        samples = [make_sample("train", i, *digits) for i in range(first, first + config.batch_size)]
+        samples, follow_ups = [], []
+        for index in range(first, first + config.batch_size):
+            layout: list = []
+            samples.append(make_sample("train", index, *digits, layout=layout))
+            others = [q for q in scene_questions(layout, digits[1], random.Random(index)) if q[0] != samples[-1][1]]
+            follow_ups.append([q[:2] for q in random.Random(index).sample(others, min(config.follow_ups, len(others)))])
         batch = processor([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples],
-                          padding_side="right")
+                          padding_side="right", follow_ups=follow_ups)
         model.model.visual.eval()  # frozen: no dropout or training-mode behaviour
         loss = model(**batch).loss
         optimizer.zero_grad(set_to_none=True)
@@ -216,6 +236,20 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     if output_dir is not None:
         _save(model, tokenizer, Path(output_dir), config, log, started)
     return model, processor, log
+
+
+def _load_weights(model, directory, *, whole: bool) -> None:
+    """Copy the weights (``whole``) or the vision encoder and merger of a reference checkpoint into ``model``."""
+    from transformers import Qwen2_5_VLForConditionalGeneration
+
+    if not (Path(directory) / "config.json").is_file():
+        raise FileNotFoundError(f"no reference checkpoint in {directory} to take weights from")
+    source = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=torch.float32)
+    target, origin = (model, source) if whole else (model.model.visual, source.model.visual)
+    try:
+        target.load_state_dict(origin.state_dict(), strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"{directory} holds a model of other widths: {error}") from None
 
 
 def _save(model, tokenizer, directory: Path, config: ReferenceConfig, log: list, started: float) -> None:
