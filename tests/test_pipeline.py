@@ -274,3 +274,17 @@ def test_cli_train_eval_show_end_to_end(workspace, tmp_path, capsys):
     assert "training data not found" in capsys.readouterr().err
     assert main(["show", "--data", str(workspace["test"]), "--model", model]) == 2
     assert "needs --selector" in capsys.readouterr().err
+
+
+def test_shipped_reference_model_loads_and_reads_the_image():
+    """The checkpoint in the package answers well above what per-type answer priors give (about 30%)."""
+    import json as _json
+
+    from visionselector.data.reference_model import REFERENCE_DIR, evaluate_accuracy
+
+    model, processor = load_reference_model()
+    record = _json.loads((REFERENCE_DIR / "training.json").read_text())
+    assert model.config.text_config.hidden_size == record["stages"][-1]["config"]["hidden_size"]
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size
+    accuracy = evaluate_accuracy(model, processor, "test", 60, batch_size=30)
+    assert accuracy["all"] >= 0.4, accuracy

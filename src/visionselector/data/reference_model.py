@@ -38,6 +38,7 @@ class ReferenceConfig:
     text_layers: int = field(default=4, metadata={"help": "decoder layers"})
     vision_hidden: int = field(default=96, metadata={"help": "vision encoder width"})
     vision_depth: int = field(default=4, metadata={"help": "vision blocks (the last uses full attention)"})
+    rope_theta: float = field(default=1e6, metadata={"help": "M-RoPE base of the language model"})
     vision_steps: int = field(default=700, metadata={"help": "stage 1: optimizer steps of the dense token loss"})
     vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
     steps: int = field(default=1000, metadata={"help": "stage 2: optimizer steps of the answer loss"})
@@ -64,7 +65,7 @@ def build_reference_model(config: ReferenceConfig, tokenizer: WordTokenizer, pro
         hidden_size=config.hidden_size, text_layers=config.text_layers, heads=heads, kv_heads=max(1, heads // 2),
         intermediate_size=3 * config.hidden_size, vocab_size=len(tokenizer), vision_depth=config.vision_depth,
         vision_hidden=config.vision_hidden, vision_heads=max(1, config.vision_hidden // 32), patch_size=14,
-        window_size=112,
+        window_size=112, rope_theta=config.rope_theta,
     )
     for name, value in processor.model_token_ids().items():
         setattr(model_config, name, value)
