@@ -288,3 +288,20 @@ def test_shipped_reference_model_loads_and_reads_the_image():
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     accuracy = evaluate_accuracy(model, processor, "test", 60, batch_size=30)
     assert accuracy["all"] >= 0.4, accuracy
+
+
+def test_cli_train_reference_writes_a_loadable_model_and_continues_only_from_matching_widths(tmp_path, capsys):
+    from visionselector.cli import main
+
+    tiny = ["--hidden-size", "64", "--text-layers", "1", "--vision-hidden", "32", "--vision-depth", "1",
+            "--eval-every", "0", "--eval-samples", "2", "--test-samples", "2", "--batch-size", "2",
+            "--warmup-steps", "1"]
+    assert main(["train-reference", "--vision-steps", "1", "--steps", "1", "--out", str(tmp_path / "a"), *tiny]) == 0
+    model, processor = load_reference_model(tmp_path / "a")
+    record = json.loads((tmp_path / "a" / "training.json").read_text())
+    assert record["config"]["steps"] == 1 and "test_accuracy" in record and "command" in record
+    assert main(["train-reference", "--steps", "1", "--init-from", str(tmp_path / "a"), "--out", str(tmp_path / "b"),
+                 *tiny]) == 0
+    assert main(["train-reference", "--steps", "1", "--vision-from", str(tmp_path / "a"), "--out",
+                 str(tmp_path / "c"), *[("96" if v == "32" else v) for v in tiny]]) == 2
+    assert "other widths" in capsys.readouterr().err

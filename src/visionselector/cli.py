@@ -34,7 +34,6 @@ def _optional(kind):
 
 def _commands():
     """name -> (help, config class, runner), imported lazily so ``--help`` stays fast."""
-    from .data.reference_model import ReferenceConfig
     from .demo import DemoConfig, run_demo
     from .eval.bench import BenchConfig, run_bench
     from .eval.speed import SpeedConfig, run_speed
@@ -116,7 +115,8 @@ def _reference_run_config():
     return ReferenceRunConfig
 
 
-def _run_train_reference(config: ReferenceRunConfig) -> None:
+def _run_train_reference(config) -> None:
+    """Train the reference model as ``config`` (a ``ReferenceRunConfig``) says; save, test and record it."""
     import json
     import time
     from pathlib import Path

@@ -102,9 +102,9 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
         print_fn(line)
     print_fn("")
     print_fn(f"done in {seconds / 60:.1f} min. In {out}:")
-    print_fn(f"  results.md      the tables above       results.json  one record per method and retention")
+    print_fn("  results.md      the tables above       results.json  one record per method and retention")
     print_fn(f"  accuracy.png    accuracy vs retention  show/         kept tokens of {len(pictures)} runs")
-    print_fn(f"  selector/       the trained selector   data/         the examples used")
+    print_fn("  selector/       the trained selector   data/         the examples used")
     return {"records": evaluated["records"], "paths": evaluated["paths"], "pictures": pictures,
             "seconds": seconds, "targets": summary}
 

@@ -263,7 +263,7 @@ TOKEN_PIXELS = 28  # a merged Qwen2.5-VL token covers 28 x 28 pixels
 _MIN_OVERLAP = 0.2  # an object labels a token when it covers at least this share of the token
 
 
-def token_labels(layout: list, targets) -> "torch.Tensor":
+def token_labels(layout: list, targets):
     """What lies under each visual token of a 448 x 448 scene, from ``make_sample(..., layout=...)``.
 
     Returns a ``(256, 4)`` long tensor in the model's token order (row-major over the 16 x 16
