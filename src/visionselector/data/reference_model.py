@@ -8,7 +8,6 @@ split and index (the generator is deterministic), so training needs no files.
 from __future__ import annotations
 
 import json
-import math
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import torch
 from .digits_vqa import (
     LABEL_HEADS, QUESTION_TYPES, _digits, make_dense_scene, make_sample, scene_questions, token_labels, vocabulary,
 )
+from ..training import _cosine_with_warmup
 from .processor import VQAProcessor, WordTokenizer
 
 __all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy"]
@@ -99,13 +99,12 @@ def evaluate_accuracy(model, processor: VQAProcessor, split: str, count: int, *,
     return result
 
 
-def _schedule(optimizer, warmup: int, steps: int):
-    def factor(step):
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, steps - warmup))))
-
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+def _optimizer_step(optimizer, scheduler, parameters, loss) -> None:
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+    optimizer.step()
+    scheduler.step()
 
 
 class TokenLabelHeads(torch.nn.Module):
@@ -135,7 +134,7 @@ def _visual_tokens(model, batch) -> torch.Tensor:
     return torch.cat(list(tokens)) if isinstance(tokens, (list, tuple)) else tokens
 
 
-def _labelled_batch(processor, split: str, indices, digits):
+def _labelled_batch(split: str, indices, digits):
     """Images and their token labels: crowded pretraining scenes for ``split="dense"``, else task samples."""
     images, labels = [], []
     for index in indices:
@@ -175,17 +174,13 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     heads = TokenLabelHeads(config.hidden_size)
     vision_parameters = list(model.model.visual.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(vision_parameters, lr=config.vision_learning_rate, weight_decay=0.01)
-    scheduler = _schedule(optimizer, config.warmup_steps, vision_steps)
+    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, vision_steps)
     bar = tqdm(range(vision_steps), desc="reference stage 1 (visual tokens)", disable=not progress)
     for step in bar:
         first = step * config.batch_size
-        images, labels = _labelled_batch(processor, "dense", range(first, first + config.batch_size), digits)
+        images, labels = _labelled_batch("dense", range(first, first + config.batch_size), digits)
         loss, accuracy = heads(_visual_tokens(model, processor.pixels(images)), labels)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(vision_parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
+        _optimizer_step(optimizer, scheduler, vision_parameters, loss)
         entry = {"stage": 1, "step": step + 1, "loss": round(float(loss.detach()), 4),
                  "token_accuracy": dict(zip((n for n, _ in LABEL_HEADS), accuracy.tolist())),
                  "seconds": round(time.time() - started, 1)}
@@ -193,7 +188,7 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
         log.append(entry)
     if vision_steps:
         with torch.no_grad():
-            images, labels = _labelled_batch(processor, "validation", range(64), digits)
+            images, labels = _labelled_batch("validation", range(64), digits)
             _, accuracy = heads(_visual_tokens(model, processor.pixels(images)), labels)
         log.append({"stage": 1, "validation_token_accuracy": dict(zip((n for n, _ in LABEL_HEADS), accuracy.tolist()))})
         print_fn(json.dumps(log[-1]))
@@ -201,8 +196,10 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     model.model.visual.requires_grad_(False)
     text_parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(text_parameters, lr=config.learning_rate, weight_decay=0.01)
-    scheduler = _schedule(optimizer, config.warmup_steps, config.steps)
-    offset = config.vision_steps * config.batch_size  # stage 2 sees samples stage 1 did not
+    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
+    # Where stage 2 starts in the train split. Stage 1 now draws crowded scenes, not train
+    # samples; the offset stays so that the recorded runs reproduce.
+    offset = config.vision_steps * config.batch_size
     bar = tqdm(range(config.steps), desc="reference stage 2 (answers)", disable=not progress)
     for step in bar:
         first = offset + step * config.batch_size
@@ -216,11 +213,7 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
                           padding_side="right", follow_ups=follow_ups)
         model.model.visual.eval()  # frozen: no dropout or training-mode behaviour
         loss = model(**batch).loss
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(text_parameters, 1.0)
-        optimizer.step()
-        scheduler.step()
+        _optimizer_step(optimizer, scheduler, text_parameters, loss)
         entry = {"stage": 2, "step": step + 1, "loss": round(float(loss.detach()), 4),
                  "seconds": round(time.time() - started, 1)}
         bar.set_postfix(loss=f"{entry['loss']:.3f}")
