@@ -158,13 +158,14 @@ def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
 
     from visionselector.data.reference_model import ReferenceConfig, evaluate_accuracy, train_reference
 
-    config = ReferenceConfig(hidden_size=64, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=3, steps=2,
-                             batch_size=2, warmup_steps=1, eval_samples=6, eval_every=0)
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=3, steps=2,
+                             batch_size=2, warmup_steps=1, eval_samples=6, eval_every=0, scenes=3, quarter_scenes=1,
+                             quarter_steps=2)
     lines = []
     model, processor, log = train_reference(config, tmp_path / "ref", print_fn=lines.append, progress=False)
     stage1 = [e for e in log if e["stage"] == 1 and "step" in e]
     stage2 = [e for e in log if e["stage"] == 2]
-    assert len(stage1) == 3 and len(stage2) == 2
+    assert len(stage1) == 3 and [e["images"] for e in stage2] == ["quarters", "quarters", "scenes", "scenes"]
     assert all(e["loss"] == e["loss"] for e in stage1 + stage2)
     assert "validation_token_accuracy" in log[len(stage1)]
     accuracy = stage2[-1]["validation"]
@@ -179,8 +180,9 @@ def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
     from visionselector.data.reference_model import ReferenceConfig, build_reference_model, train_reference
     from visionselector.data.processor import VQAProcessor, WordTokenizer
 
-    config = ReferenceConfig(hidden_size=64, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=0, steps=2,
-                             batch_size=2, warmup_steps=1, eval_samples=2, eval_every=0)
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=0, steps=2,
+                             batch_size=2, warmup_steps=1, eval_samples=2, eval_every=0, scenes=3, quarter_scenes=1,
+                             quarter_steps=1)
     tokenizer = WordTokenizer(vocabulary())
     processor = VQAProcessor(tokenizer)
     initial = build_reference_model(config, tokenizer, processor)  # same seed: the weights training starts from
@@ -211,7 +213,8 @@ def test_token_labels_mark_exactly_the_tokens_an_object_covers():
                 expected = [8, 2, 0, 0]
             if (row, column) == (15, 15):
                 expected = [0, 0, 3, 6]
-            assert labels[row, column].tolist() == expected, (row, column)
+            anchor = int((row, column) in {(1, 2), (15, 15), (15, 0)})  # the tokens under the three centres
+            assert labels[row, column].tolist() == expected + [anchor, 1 + (column >= 8)], (row, column)
 
 
 def test_layout_capture_does_not_change_the_sample():
@@ -281,3 +284,61 @@ def test_follow_up_turns_are_labelled_like_the_first():
     assert int((labels == tokenizer.eos_id).sum()) == 3
     words = tokenizer.decode(batch["input_ids"][0])
     assert words.endswith("is there a red circle ? no how many squares are there ? 2 what colour is the triangle ? blue")
+
+
+def test_quarters_hold_whole_objects_in_their_own_coordinates_and_the_same_pixels():
+    import random
+
+    import numpy as np
+
+    from visionselector.data.digits_vqa import crop_quarter, scene_questions, token_labels
+
+    images, targets = _digits()
+    for index in range(40):
+        layout = []
+        image = make_sample("train", index, images, targets, layout=layout)[0]
+        kept = 0
+        for quarter in range(4):
+            picture, inside = crop_quarter(image, layout, quarter)
+            left, top = (quarter % 2) * 224, (quarter // 2) * 224
+            assert picture.size == (224, 224)
+            assert np.array_equal(np.asarray(picture), np.asarray(image)[top:top + 224, left:left + 224])
+            for l, t, r, b, attributes in inside:
+                assert 0 <= l < r <= 224 and 0 <= t < b <= 224
+                assert (l + left, t + top, r + left, b + top, attributes) in layout
+            kept += len(inside)
+            assert token_labels(inside, targets, size=224).shape == (64, 6)
+            for question, answer, kind in scene_questions(inside, targets, random.Random(0), width=224):
+                if kind == "position":  # the side of the quarter, not of the scene
+                    colour, shape = question.split()[2:4]
+                    (l, _, r, _, _), = [o for o in inside if o[4].get("shape") == shape and o[4]["colour"] == colour]
+                    assert answer == ("left" if l + r < 224 else "right")
+        assert kept == len(layout)  # every object lies in exactly one quarter
+    with pytest.raises(ValueError, match="quarter must be"):
+        crop_quarter(image, layout, 4)
+
+
+def test_encoded_samples_visit_every_sample_once_per_epoch_with_its_own_question_first():
+    import torch
+
+    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.data.reference_model import EncodedSamples
+
+    tokenizer = WordTokenizer(vocabulary())
+    processor = VQAProcessor(tokenizer)
+    questions = [[("how many squares are there ?", str(i))] + [("is there a red circle ?", "no")] * 3
+                 for i in range(6)]
+    features = torch.arange(6, dtype=torch.float16)[:, None, None].expand(6, 4, 8).clone()
+    samples = EncodedSamples(processor, features, [1, 4, 4], questions)
+    seen = []
+    for step in range(3):  # 3 steps of 4 = two epochs of 6
+        batch = samples.batch(step, 4, 2, seed=5)
+        assert torch.equal(batch["input_ids"], samples.batch(step, 4, 2, seed=5)["input_ids"])
+        visual = [int(f[0, 0]) for f in batch["mm_encoder_outputs"]["image"].pooler_output]
+        labels = batch["labels"]
+        firsts = [tokenizer.decode(row[row != -100]).split()[0] for row in labels]
+        assert firsts == [str(v) for v in visual]  # each image with its own first answer
+        assert all(len(tokenizer.decode(row[row != -100]).split()) == 3 for row in labels)  # 1 + 2 follow-ups
+        seen += visual
+    assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:]) == list(range(6))
+    assert seen[:6] != seen[6:]  # a new order every epoch

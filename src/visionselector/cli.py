@@ -13,7 +13,8 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "") + f" (default: {default})"
         if isinstance(default, tuple):
-            kind = str if default and isinstance(default[0], str) else float
+            kind = (str if default and isinstance(default[0], str)
+                    else int if default and type(default[0]) is int else float)
             parser.add_argument(flag, type=kind, nargs="+", default=default, help=help_text)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)

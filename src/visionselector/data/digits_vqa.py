@@ -216,11 +216,13 @@ def make_dense_scene(index: int, images=None, targets=None, *, layout: list | No
     return render(Scene(digits, shapes), rng, images, layout)
 
 
-def scene_questions(layout: list, targets, rng: random.Random) -> list[tuple[str, str, str]]:
+def scene_questions(layout: list, targets, rng: random.Random, *, width: int = IMAGE_SIZE
+                    ) -> list[tuple[str, str, str]]:
     """Every question of the task's six types that has a unique answer in the scene drawn
     as ``layout`` (see :func:`make_sample`), as ``(question, answer, type)``: more
     supervision per image when training a model. Presence questions are drawn at random,
-    half of them about objects that are there.
+    half of them about objects that are there. ``width`` is the image's width in pixels
+    (left and right are its halves).
     """
     digits = [(box, a["digit"]) for *box, a in layout if "digit" in a]
     shapes = [(box, a["shape"], a["colour"]) for *box, a in layout if "shape" in a]
@@ -245,7 +247,7 @@ def scene_questions(layout: list, targets, rng: random.Random) -> list[tuple[str
         pairs.setdefault((shape, colour), []).append(box)
     for (shape, colour), boxes in pairs.items():
         if len(boxes) == 1:
-            side = "left" if (boxes[0][0] + boxes[0][2]) / 2 < IMAGE_SIZE / 2 else "right"
+            side = "left" if (boxes[0][0] + boxes[0][2]) / 2 < width / 2 else "right"
             found.append((f"is the {colour} {shape} on the left or the right ?", side, "position"))
     present = list(pairs)
     absent = [(s, c) for s in SHAPES for c in COLOURS if (s, c) not in pairs]
@@ -256,25 +258,50 @@ def scene_questions(layout: list, targets, rng: random.Random) -> list[tuple[str
     return found
 
 
+def crop_quarter(image, layout: list, quarter: int):
+    """Quarter ``quarter`` of a 448 x 448 task scene (0 top left, 1 top right, 2 bottom left,
+    3 bottom right) as a 224 x 224 image, and the layout of the objects inside it in the
+    quarter's own coordinates. No object straddles two quarters: each lies inside one
+    112-pixel cell. Returns ``(PIL image, layout)``.
+    """
+    if quarter not in range(4):
+        raise ValueError(f"quarter must be 0, 1, 2 or 3, got {quarter!r}")
+    half = IMAGE_SIZE // 2
+    left, top = (quarter % 2) * half, (quarter // 2) * half
+    inside = [(l - left, t - top, r - left, b - top, attributes) for l, t, r, b, attributes in layout
+              if left <= l and r <= left + half and top <= t and b <= top + half]
+    return image.crop((left, top, left + half, top + half)), inside
+
+
 # Per-token label heads of the reference model's dense auxiliary loss: (name, classes);
-# class 0 is "nothing of this kind under the token".
-LABEL_HEADS = (("digit", 11), ("box", 1 + len(BOX_COLOURS)), ("shape", 1 + len(SHAPES)), ("colour", 1 + len(COLOURS)))
+# class 0 is "nothing of this kind under the token". "anchor" marks the one token under each
+# object's centre, so that objects can be counted from tokens (an object covers 4 to 9 of
+# them). "side" is the token's half of the image (1 left, 2 right); the encoder cannot learn
+# it (its attention sees only relative positions), so it stays at chance, and it is kept
+# because the shipped encoder was trained with it (docs/reference-task.md).
+LABEL_HEADS = (("digit", 11), ("box", 1 + len(BOX_COLOURS)), ("shape", 1 + len(SHAPES)), ("colour", 1 + len(COLOURS)),
+               ("anchor", 2), ("side", 3))
 TOKEN_PIXELS = 28  # a merged Qwen2.5-VL token covers 28 x 28 pixels
 _MIN_OVERLAP = 0.2  # an object labels a token when it covers at least this share of the token
 
 
-def token_labels(layout: list, targets):
-    """What lies under each visual token of a 448 x 448 scene, from ``make_sample(..., layout=...)``.
+def token_labels(layout: list, targets, *, size: int = IMAGE_SIZE):
+    """What lies under each visual token of a ``size`` x ``size`` scene, from ``make_sample(..., layout=...)``.
 
-    Returns a ``(256, 4)`` long tensor in the model's token order (row-major over the 16 x 16
-    grid), one column per entry of ``LABEL_HEADS``: digit class + 1 (the box around a digit
-    counts as the digit's), box colour + 1, shape + 1 and shape colour + 1; 0 where nothing of
-    that kind covers at least a fifth of the token. Objects never overlap, so labels are unique.
+    Returns a ``(tokens, 6)`` long tensor in the model's token order (row-major over the
+    token grid, 16 x 16 for a whole scene), one column per entry of ``LABEL_HEADS``: digit
+    class + 1 (the box around a digit counts as the digit's), box colour + 1, shape + 1 and
+    shape colour + 1, each 0 where nothing of that kind covers at least a fifth of the token;
+    1 on the token under an object's centre; and the token's half of the image (1 left,
+    2 right). Objects never overlap, so labels are unique.
     """
     import torch
 
-    side = IMAGE_SIZE // TOKEN_PIXELS
+    if size % (2 * TOKEN_PIXELS):
+        raise ValueError(f"size must be a multiple of {2 * TOKEN_PIXELS} pixels, got {size}")
+    side = size // TOKEN_PIXELS
     labels = torch.zeros(side, side, len(LABEL_HEADS), dtype=torch.long)
+    labels[:, : side // 2, 5], labels[:, side // 2:, 5] = 1, 2
     colours, boxes = list(COLOURS), list(BOX_COLOURS)
     for left, top, right, bottom, attributes in layout:
         values = ([int(targets[attributes["digit"]]) + 1, 0 if attributes["box"] is None else boxes.index(attributes["box"]) + 1, 0, 0]
@@ -284,7 +311,8 @@ def token_labels(layout: list, targets):
                 height = min(bottom, (row + 1) * TOKEN_PIXELS) - max(top, row * TOKEN_PIXELS)
                 width = min(right, (column + 1) * TOKEN_PIXELS) - max(left, column * TOKEN_PIXELS)
                 if height * width >= _MIN_OVERLAP * TOKEN_PIXELS ** 2:
-                    labels[row, column] = torch.tensor(values)
+                    labels[row, column, :4] = torch.tensor(values)
+        labels[min(side - 1, (top + bottom) // 2 // TOKEN_PIXELS), min(side - 1, (left + right) // 2 // TOKEN_PIXELS), 4] = 1
     return labels.reshape(side * side, len(LABEL_HEADS))
 
 

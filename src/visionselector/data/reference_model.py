@@ -7,6 +7,7 @@ split and index (the generator is deterministic), so training needs no files.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -16,7 +17,8 @@ from pathlib import Path
 import torch
 
 from .digits_vqa import (
-    LABEL_HEADS, QUESTION_TYPES, _digits, make_dense_scene, make_sample, scene_questions, token_labels, vocabulary,
+    LABEL_HEADS, QUESTION_TYPES, _digits, crop_quarter, make_dense_scene, make_sample, scene_questions, token_labels,
+    vocabulary,
 )
 from ..training import _cosine_with_warmup
 from .processor import VQAProcessor, WordTokenizer
@@ -31,28 +33,49 @@ class ReferenceConfig:
     Training has two stages. The vision encoder and its merger first learn, from a dense
     auxiliary loss, what lies under each visual token (:func:`token_labels`); the language
     model then learns to answer from those tokens with the encoder frozen. Without the first
-    stage the answer loss alone teaches the encoder far too slowly for a CPU.
+    stage the answer loss alone teaches the encoder far too slowly for a CPU. The second
+    stage starts on 224 x 224 quarters of scenes (64 visual tokens), where the language model
+    finds the asked object among a quarter of the tokens and each step costs a third, and
+    ends on whole scenes.
     """
 
     hidden_size: int = field(default=192, metadata={"help": "language model width (and visual token width)"})
     text_layers: int = field(default=4, metadata={"help": "decoder layers"})
+    text_heads: int = field(default=3, metadata={"help": "attention heads of the language model"})
+    text_kv_heads: int = field(default=1, metadata={"help": "key-value heads of the language model"})
     vision_hidden: int = field(default=96, metadata={"help": "vision encoder width"})
     vision_depth: int = field(default=4, metadata={"help": "vision blocks (the last uses full attention)"})
-    rope_theta: float = field(default=1e6, metadata={"help": "M-RoPE base of the language model"})
+    rope_theta: float = field(default=1000.0, metadata={"help": "M-RoPE base of the language model"})
+    mrope_section: tuple = field(default=(2, 6, 24), metadata={
+        "help": "rotary frequency pairs of time, height and width, highest frequencies first; they sum to half "
+                "the head width (Qwen's own 1:1.5:1.5 split is 8 12 12 at head width 64; () takes it)"})
     vision_steps: int = field(default=700, metadata={"help": "stage 1: optimizer steps of the dense token loss"})
+    first_dense_scene: int = field(default=0, metadata={
+        "help": "stage 1: index of its first crowded scene (a run that continues an encoder takes fresh ones)"})
     vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
-    steps: int = field(default=1000, metadata={"help": "stage 2: optimizer steps of the answer loss"})
+    quarter_steps: int = field(default=3000, metadata={
+        "help": "stage 2: optimizer steps on 224 x 224 quarters of training scenes, before the whole scenes"})
+    steps: int = field(default=2000, metadata={"help": "stage 2: optimizer steps on whole scenes"})
+    scenes: int = field(default=6000, metadata={
+        "help": "stage 2: training scenes, encoded once by the frozen encoder and revisited every epoch"})
+    quarter_scenes: int = field(default=3000, metadata={"help": "stage 2: training scenes whose quarters are used"})
     batch_size: int = field(default=16, metadata={"help": "samples per step, both stages"})
     learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: peak AdamW learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps of each stage"})
-    follow_ups: int = field(default=5, metadata={"help": "stage 2: extra questions about each image after its own"})
+    follow_ups: int = field(default=5, metadata={"help": "stage 2: extra questions about each image after its first"})
     vision_from: str | None = field(default=None, metadata={
-        "help": "take the trained vision encoder and merger from this reference checkpoint and skip stage 1"})
+        "help": "start the vision encoder and merger from this reference checkpoint; stage 1 continues them for "
+                "vision_steps (0 keeps them as they are)"})
     init_from: str | None = field(default=None, metadata={
         "help": "continue from this reference checkpoint: all its weights, no stage 1"})
     eval_samples: int = field(default=300, metadata={"help": "validation samples per evaluation"})
-    eval_every: int = field(default=250, metadata={"help": "evaluate every this many steps (0: only at the end)"})
-    seed: int = field(default=0, metadata={"help": "seed of the weights"})
+    eval_every: int = field(default=500, metadata={"help": "evaluate every this many stage-2 steps (0: only at the end)"})
+    seed: int = field(default=0, metadata={"help": "seed of the weights and of the sample order"})
+
+
+# Where stage 2 draws its training scenes: blocks of the train split that nothing else uses
+# (the demo trains selectors on samples from 100,000 on).
+SCENES_FIRST, QUARTER_SCENES_FIRST = 200_000, 300_000
 
 
 def build_reference_model(config: ReferenceConfig, tokenizer: WordTokenizer, processor: VQAProcessor):
@@ -60,12 +83,23 @@ def build_reference_model(config: ReferenceConfig, tokenizer: WordTokenizer, pro
 
     from ..presets import qwen2_5_vl_config
 
-    heads = max(1, config.hidden_size // 64)  # head width 64
+    heads = config.text_heads
+    if config.hidden_size % heads or heads % config.text_kv_heads:
+        raise ValueError(f"hidden_size ({config.hidden_size}) must divide into text_heads ({heads}) and text_heads "
+                         f"into text_kv_heads ({config.text_kv_heads})")
+    overrides = {}
+    if config.mrope_section:
+        half = config.hidden_size // heads // 2
+        if len(config.mrope_section) != 3 or sum(config.mrope_section) != half:
+            raise ValueError(f"mrope_section must be three numbers summing to half the head width ({half}), "
+                             f"got {tuple(config.mrope_section)}")
+        overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta,
+                                        "mrope_section": [int(n) for n in config.mrope_section]}
     model_config = qwen2_5_vl_config(
-        hidden_size=config.hidden_size, text_layers=config.text_layers, heads=heads, kv_heads=max(1, heads // 2),
+        hidden_size=config.hidden_size, text_layers=config.text_layers, heads=heads, kv_heads=config.text_kv_heads,
         intermediate_size=3 * config.hidden_size, vocab_size=len(tokenizer), vision_depth=config.vision_depth,
         vision_hidden=config.vision_hidden, vision_heads=max(1, config.vision_hidden // 32), patch_size=14,
-        window_size=112, rope_theta=config.rope_theta,
+        window_size=112, rope_theta=config.rope_theta, **overrides,
     )
     for name, value in processor.model_token_ids().items():
         setattr(model_config, name, value)
@@ -134,17 +168,34 @@ def _visual_tokens(model, batch) -> torch.Tensor:
     return torch.cat(list(tokens)) if isinstance(tokens, (list, tuple)) else tokens
 
 
-def _labelled_batch(split: str, indices, digits):
-    """Images and their token labels: crowded pretraining scenes for ``split="dense"``, else task samples."""
-    images, labels = [], []
-    for index in indices:
-        layout: list = []
-        if split == "dense":
-            images.append(make_dense_scene(index, *digits, layout=layout))
-        else:
-            images.append(make_sample(split, index, *digits, layout=layout)[0])
-        labels.append(token_labels(layout, digits[1]))
-    return images, torch.cat(labels)
+@functools.lru_cache(maxsize=None)
+def _processor_for(size: int) -> VQAProcessor:
+    """A processor that encodes ``size`` x ``size`` images at their own resolution."""
+    return VQAProcessor(WordTokenizer(vocabulary()), image_pixels=size * size)
+
+
+def _labelled_tokens(model, split: str, indices, digits) -> tuple[torch.Tensor, torch.Tensor]:
+    """Visual tokens and their :func:`token_labels` for crowded pretraining scenes
+    (``split="dense"``) or task samples: the first half of ``indices`` as whole 448 x 448
+    scenes, the second as one 224 x 224 quarter of each (stage 2 starts on quarters)."""
+    indices = list(indices)
+    half = len(indices) - len(indices) // 2
+    tokens, labels = [], []
+    for group, size in ((indices[:half], 448), (indices[half:], 224)):
+        images = []
+        for index in group:
+            layout: list = []
+            if split == "dense":
+                image = make_dense_scene(index, *digits, layout=layout)
+            else:
+                image = make_sample(split, index, *digits, layout=layout)[0]
+            if size == 224:
+                image, layout = crop_quarter(image, layout, index % 4)
+            images.append(image)
+            labels.append(token_labels(layout, digits[1], size=size))
+        if images:
+            tokens.append(_visual_tokens(model, _processor_for(size).pixels(images)))
+    return torch.cat(tokens), torch.cat(labels)
 
 
 def train_reference(config: ReferenceConfig, output_dir: str | Path | None = None, *, print_fn=print,
@@ -166,10 +217,11 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     vision_steps = config.vision_steps
     if config.vision_from is not None and config.init_from is not None:
         raise ValueError("give vision_from or init_from, not both")
-    for source, whole in ((config.vision_from, False), (config.init_from, True)):
-        if source is not None:
-            _load_weights(model, source, whole=whole)
-            vision_steps = 0
+    if config.vision_from is not None:
+        _load_weights(model, config.vision_from, whole=False)
+    if config.init_from is not None:
+        _load_weights(model, config.init_from, whole=True)
+        vision_steps = 0
 
     heads = TokenLabelHeads(config.hidden_size)
     vision_parameters = list(model.model.visual.parameters()) + list(heads.parameters())
@@ -177,9 +229,9 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, vision_steps)
     bar = tqdm(range(vision_steps), desc="reference stage 1 (visual tokens)", disable=not progress)
     for step in bar:
-        first = step * config.batch_size
-        images, labels = _labelled_batch("dense", range(first, first + config.batch_size), digits)
-        loss, accuracy = heads(_visual_tokens(model, processor.pixels(images)), labels)
+        first = config.first_dense_scene + step * config.batch_size
+        tokens, labels = _labelled_tokens(model, "dense", range(first, first + config.batch_size), digits)
+        loss, accuracy = heads(tokens, labels)
         _optimizer_step(optimizer, scheduler, vision_parameters, loss)
         entry = {"stage": 1, "step": step + 1, "loss": round(float(loss.detach()), 4),
                  "token_accuracy": dict(zip((n for n, _ in LABEL_HEADS), accuracy.tolist())),
@@ -188,36 +240,32 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
         log.append(entry)
     if vision_steps:
         with torch.no_grad():
-            images, labels = _labelled_batch("validation", range(64), digits)
-            _, accuracy = heads(_visual_tokens(model, processor.pixels(images)), labels)
+            _, accuracy = heads(*_labelled_tokens(model, "validation", range(64), digits))
         log.append({"stage": 1, "validation_token_accuracy": dict(zip((n for n, _ in LABEL_HEADS), accuracy.tolist()))})
         print_fn(json.dumps(log[-1]))
 
     model.model.visual.requires_grad_(False)
+    model.model.visual.eval()  # frozen: no dropout or training-mode behaviour
+    scenes = (_encoded_samples(model, processor, digits, config.scenes, quarters=False, progress=progress)
+              if config.steps else None)
+    quarters = (_encoded_samples(model, processor, digits, config.quarter_scenes, quarters=True, progress=progress)
+                if config.quarter_steps else None)
     text_parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(text_parameters, lr=config.learning_rate, weight_decay=0.01)
-    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, config.steps)
-    # Where stage 2 starts in the train split. Stage 1 now draws crowded scenes, not train
-    # samples; the offset stays so that the recorded runs reproduce.
-    offset = config.vision_steps * config.batch_size
-    bar = tqdm(range(config.steps), desc="reference stage 2 (answers)", disable=not progress)
+    total = config.quarter_steps + config.steps
+    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, total)
+    bar = tqdm(range(total), desc="reference stage 2 (answers)", disable=not progress)
     for step in bar:
-        first = offset + step * config.batch_size
-        samples, follow_ups = [], []
-        for index in range(first, first + config.batch_size):
-            layout: list = []
-            samples.append(make_sample("train", index, *digits, layout=layout))
-            others = [q for q in scene_questions(layout, digits[1], random.Random(index)) if q[0] != samples[-1][1]]
-            follow_ups.append([q[:2] for q in random.Random(index).sample(others, min(config.follow_ups, len(others)))])
-        batch = processor([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples],
-                          padding_side="right", follow_ups=follow_ups)
-        model.model.visual.eval()  # frozen: no dropout or training-mode behaviour
+        on_quarters = step < config.quarter_steps
+        samples = quarters if on_quarters else scenes
+        batch = samples.batch(step if on_quarters else step - config.quarter_steps, config.batch_size,
+                              config.follow_ups, seed=config.seed)
         loss = model(**batch).loss
         _optimizer_step(optimizer, scheduler, text_parameters, loss)
-        entry = {"stage": 2, "step": step + 1, "loss": round(float(loss.detach()), 4),
-                 "seconds": round(time.time() - started, 1)}
+        entry = {"stage": 2, "step": step + 1, "images": "quarters" if on_quarters else "scenes",
+                 "loss": round(float(loss.detach()), 4), "seconds": round(time.time() - started, 1)}
         bar.set_postfix(loss=f"{entry['loss']:.3f}")
-        last = step + 1 == config.steps
+        last = step + 1 == total
         if last or (config.eval_every and (step + 1) % config.eval_every == 0):
             entry["validation"] = evaluate_accuracy(model, processor, "validation", config.eval_samples,
                                                     digits=digits)
@@ -230,6 +278,80 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     if output_dir is not None:
         _save(model, tokenizer, Path(output_dir), config, log, started)
     return model, processor, log
+
+
+class EncodedSamples:
+    """Training samples whose images went through the frozen encoder once: ``features``
+    (N, tokens, D) in float16, each image's grid, and its questions (the first is asked first)."""
+
+    def __init__(self, processor: VQAProcessor, features: torch.Tensor, grid: list[int],
+                 questions: list[list[tuple[str, str]]]) -> None:
+        self.processor, self.features, self.grid, self.questions = processor, features, grid, questions
+        self._epoch, self._epoch_order = None, []
+
+    def __len__(self) -> int:
+        return len(self.questions)
+
+    def _order(self, epoch: int, seed: int) -> list[int]:
+        if self._epoch != (epoch, seed):
+            self._epoch, self._epoch_order = (epoch, seed), list(range(len(self)))
+            random.Random(seed * 1_000_003 + epoch).shuffle(self._epoch_order)
+        return self._epoch_order
+
+    def batch(self, step: int, batch_size: int, follow_ups: int, *, seed: int) -> dict:
+        """The ``step``-th training batch: epochs over the samples in an order shuffled per epoch,
+        each sample with its first question and ``follow_ups`` others drawn afresh at every visit."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        indices = []
+        for position in range(step * batch_size, (step + 1) * batch_size):
+            epoch, within = divmod(position, len(self))
+            indices.append(self._order(epoch, seed)[within])
+        rng = random.Random(seed * 1_000_003 + 7919 * step)
+        turns = [self.questions[i][0:1] + rng.sample(self.questions[i][1:], min(follow_ups, len(self.questions[i]) - 1))
+                 for i in indices]
+        batch = self.processor([None] * len(indices), [t[0][0] for t in turns], [t[0][1] for t in turns],
+                               padding_side="right", image_grids=torch.tensor([self.grid] * len(indices)),
+                               follow_ups=[t[1:] for t in turns])
+        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
+            pooler_output=tuple(self.features[i].float() for i in indices))}
+        return batch
+
+
+def _encoded_samples(model, processor: VQAProcessor, digits, count: int, *, quarters: bool,
+                     progress: bool) -> EncodedSamples:
+    """Stage 2's training samples: ``count`` whole training scenes, each with its own question
+    first and every other uniquely answerable question about it, or (``quarters``) the four
+    quarters of ``count`` other scenes, each with its questions in random order."""
+    from tqdm.auto import tqdm
+
+    images, targets = digits
+    first = QUARTER_SCENES_FIRST if quarters else SCENES_FIRST
+    features, questions = [], []
+    chunk = 8 if quarters else 32
+    for start in tqdm(range(first, first + count, chunk), desc=f"encoding {'quarters of ' if quarters else ''}scenes",
+                      disable=not progress):
+        pictures = []
+        for index in range(start, min(first + count, start + chunk)):
+            layout: list = []
+            image, question, answer, _ = make_sample("train", index, images, targets, layout=layout)
+            if not quarters:
+                others = scene_questions(layout, targets, random.Random(index))
+                pictures.append(image)
+                questions.append([(question, answer)] + [q[:2] for q in others if q[0] != question])
+                continue
+            for quarter in range(4):
+                picture, inside = crop_quarter(image, layout, quarter)
+                found = [q[:2] for q in scene_questions(inside, targets, random.Random(4 * index + quarter), width=224)]
+                random.Random(4 * index + quarter).shuffle(found)
+                pictures.append(picture)
+                questions.append(found)
+        pixels = _processor_for(224 if quarters else 448).pixels(pictures)
+        with torch.no_grad():
+            tokens = _visual_tokens(model, pixels)
+        features.append(tokens.reshape(len(pictures), -1, tokens.shape[-1]).half())
+    grid = [int(v) for v in pixels["image_grid_thw"][0]]
+    return EncodedSamples(processor, torch.cat(features), grid, questions)
 
 
 def _load_weights(model, directory, *, whole: bool) -> None:
