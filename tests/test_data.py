@@ -158,7 +158,8 @@ def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
 
     from visionselector.data.reference_model import ReferenceConfig, evaluate_accuracy, train_reference
 
-    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=3, steps=2,
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1,
+                             vision_steps=3, steps=2,
                              batch_size=2, warmup_steps=1, eval_samples=6, eval_every=0, scenes=3, quarter_scenes=1,
                              quarter_steps=2)
     lines = []
@@ -180,7 +181,8 @@ def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
     from visionselector.data.reference_model import ReferenceConfig, build_reference_model, train_reference
     from visionselector.data.processor import VQAProcessor, WordTokenizer
 
-    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1, vision_steps=0, steps=2,
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1,
+                             vision_steps=0, steps=2,
                              batch_size=2, warmup_steps=1, eval_samples=2, eval_every=0, scenes=3, quarter_scenes=1,
                              quarter_steps=1)
     tokenizer = WordTokenizer(vocabulary())

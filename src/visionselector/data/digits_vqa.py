@@ -312,7 +312,8 @@ def token_labels(layout: list, targets, *, size: int = IMAGE_SIZE):
                 width = min(right, (column + 1) * TOKEN_PIXELS) - max(left, column * TOKEN_PIXELS)
                 if height * width >= _MIN_OVERLAP * TOKEN_PIXELS ** 2:
                     labels[row, column, :4] = torch.tensor(values)
-        labels[min(side - 1, (top + bottom) // 2 // TOKEN_PIXELS), min(side - 1, (left + right) // 2 // TOKEN_PIXELS), 4] = 1
+        centre_row, centre_column = (top + bottom) // 2 // TOKEN_PIXELS, (left + right) // 2 // TOKEN_PIXELS
+        labels[min(side - 1, centre_row), min(side - 1, centre_column), 4] = 1
     return labels.reshape(side * side, len(LABEL_HEADS))
 
 

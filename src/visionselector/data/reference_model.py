@@ -69,7 +69,8 @@ class ReferenceConfig:
     init_from: str | None = field(default=None, metadata={
         "help": "continue from this reference checkpoint: all its weights, no stage 1"})
     eval_samples: int = field(default=300, metadata={"help": "validation samples per evaluation"})
-    eval_every: int = field(default=500, metadata={"help": "evaluate every this many stage-2 steps (0: only at the end)"})
+    eval_every: int = field(default=500, metadata={
+        "help": "evaluate every this many stage-2 steps (0: only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the sample order"})
 
 
@@ -203,8 +204,10 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     """Train from scratch on the train split; return the model, its processor and a log.
 
     Stage 1 trains the vision encoder and merger on :func:`token_labels` (``vision_steps``
-    batches); stage 2 freezes them and trains the language model on the answers (``steps``
-    batches). Each stage draws its own training samples; validation is checked along the way.
+    batches; from ``vision_from``'s encoder if given). Stage 2 freezes them, encodes its
+    training images once, and trains the language model on the answers: ``quarter_steps``
+    batches of scene quarters, then ``steps`` of whole scenes. Each stage draws its own
+    training samples; validation is checked along the way.
     """
     from tqdm.auto import tqdm
 
