@@ -344,3 +344,18 @@ def test_encoded_samples_visit_every_sample_once_per_epoch_with_its_own_question
         seen += visual
     assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:]) == list(range(6))
     assert seen[:6] != seen[6:]  # a new order every epoch
+
+
+def test_reference_widths_and_rotary_split_are_checked():
+    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.data.reference_model import ReferenceConfig, build_reference_model
+
+    processor = VQAProcessor(WordTokenizer(vocabulary()))
+    model = build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32,
+                                                  vision_depth=1), processor.tokenizer, processor)
+    assert model.config.text_config.rope_parameters["mrope_section"] == [2, 6, 24]
+    with pytest.raises(ValueError, match="summing to half the head width \\(32\\)"):
+        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, mrope_section=(8, 12, 16)),
+                              processor.tokenizer, processor)
+    with pytest.raises(ValueError, match="must divide into text_heads"):
+        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=3), processor.tokenizer, processor)

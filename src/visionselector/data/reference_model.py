@@ -53,12 +53,12 @@ class ReferenceConfig:
     first_dense_scene: int = field(default=0, metadata={
         "help": "stage 1: index of its first crowded scene (a run that continues an encoder takes fresh ones)"})
     vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
-    quarter_steps: int = field(default=3000, metadata={
+    quarter_steps: int = field(default=4000, metadata={
         "help": "stage 2: optimizer steps on 224 x 224 quarters of training scenes, before the whole scenes"})
-    steps: int = field(default=2000, metadata={"help": "stage 2: optimizer steps on whole scenes"})
-    scenes: int = field(default=6000, metadata={
+    steps: int = field(default=4500, metadata={"help": "stage 2: optimizer steps on whole scenes"})
+    scenes: int = field(default=8000, metadata={
         "help": "stage 2: training scenes, encoded once by the frozen encoder and revisited every epoch"})
-    quarter_scenes: int = field(default=3000, metadata={"help": "stage 2: training scenes whose quarters are used"})
+    quarter_scenes: int = field(default=4000, metadata={"help": "stage 2: training scenes whose quarters are used"})
     batch_size: int = field(default=16, metadata={"help": "samples per step, both stages"})
     learning_rate: float = field(default=1e-3, metadata={"help": "stage 2: peak AdamW learning rate"})
     warmup_steps: int = field(default=50, metadata={"help": "linear warm-up steps of each stage"})
@@ -69,7 +69,7 @@ class ReferenceConfig:
     init_from: str | None = field(default=None, metadata={
         "help": "continue from this reference checkpoint: all its weights, no stage 1"})
     eval_samples: int = field(default=300, metadata={"help": "validation samples per evaluation"})
-    eval_every: int = field(default=500, metadata={
+    eval_every: int = field(default=1000, metadata={
         "help": "evaluate every this many stage-2 steps (0: only at the end)"})
     seed: int = field(default=0, metadata={"help": "seed of the weights and of the sample order"})
 
