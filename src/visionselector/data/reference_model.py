@@ -22,6 +22,7 @@ from .digits_vqa import (
 )
 from ..training import _cosine_with_warmup
 from .processor import VQAProcessor, WordTokenizer
+from .vqa import encoder_outputs
 
 __all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy"]
 
@@ -304,8 +305,6 @@ class EncodedSamples:
     def batch(self, step: int, batch_size: int, follow_ups: int, *, seed: int) -> dict:
         """The ``step``-th training batch: epochs over the samples in an order shuffled per epoch,
         each sample with its first question and ``follow_ups`` others drawn afresh at every visit."""
-        from transformers.modeling_outputs import BaseModelOutputWithPooling
-
         indices = []
         for position in range(step * batch_size, (step + 1) * batch_size):
             epoch, within = divmod(position, len(self))
@@ -316,8 +315,7 @@ class EncodedSamples:
         batch = self.processor([None] * len(indices), [t[0][0] for t in turns], [t[0][1] for t in turns],
                                padding_side="right", image_grids=torch.tensor([self.grid] * len(indices)),
                                follow_ups=[t[1:] for t in turns])
-        batch["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(
-            pooler_output=tuple(self.features[i].float() for i in indices))}
+        batch["mm_encoder_outputs"] = encoder_outputs([self.features[i].float() for i in indices])
         return batch
 
 

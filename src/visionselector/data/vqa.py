@@ -20,7 +20,15 @@ import torch
 
 from .conversations import IMAGE_PLACEHOLDER, read_conversations
 
-__all__ = ["VQAExample", "load_examples", "FeatureCache", "ExampleBatches"]
+__all__ = ["VQAExample", "load_examples", "FeatureCache", "ExampleBatches", "encoder_outputs"]
+
+
+def encoder_outputs(features: list[torch.Tensor]) -> dict:
+    """The ``mm_encoder_outputs`` model argument for already-encoded images: one ``(tokens, D)``
+    tensor per image, in the batch's order, standing in for the vision encoder's output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
 
 
 @dataclass
@@ -189,10 +197,7 @@ class ExampleBatches:
         batch = self.processor(images, [e.question for e in chunk], answers, padding_side=self.padding_side,
                                image_grids=grids)
         if use_cache:
-            from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-            batch["mm_encoder_outputs"] = {
-                "image": BaseModelOutputWithPooling(pooler_output=tuple(self.cache.features[i] for i in indices))}
+            batch["mm_encoder_outputs"] = encoder_outputs([self.cache.features[i] for i in indices])
         return batch
 
     def __iter__(self):
