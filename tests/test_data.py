@@ -158,15 +158,17 @@ def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
 
     from visionselector.data.reference_model import ReferenceConfig, evaluate_accuracy, train_reference
 
-    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1,
-                             vision_steps=3, steps=2,
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, position_layer=1,
+                             vision_hidden=32, vision_depth=1, vision_steps=3, steps=2,
                              batch_size=2, warmup_steps=1, eval_samples=6, eval_every=0, scenes=3, quarter_scenes=1,
-                             quarter_steps=2)
+                             quarter_steps=2, quarters_between=2)
     lines = []
     model, processor, log = train_reference(config, tmp_path / "ref", print_fn=lines.append, progress=False)
     stage1 = [e for e in log if e["stage"] == 1 and "step" in e]
     stage2 = [e for e in log if e["stage"] == 2]
-    assert len(stage1) == 3 and [e["images"] for e in stage2] == ["quarters", "quarters", "scenes", "scenes"]
+    assert len(stage1) == 3
+    assert [e["images"] for e in stage2] == ["quarters", "quarters", "scenes", "scenes", "quarters"]
+    assert all(0.0 <= e["side_accuracy"] <= 1.0 for e in stage2)
     assert all(e["loss"] == e["loss"] for e in stage1 + stage2)
     assert "validation_token_accuracy" in log[len(stage1)]
     accuracy = stage2[-1]["validation"]
@@ -175,14 +177,45 @@ def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
     assert evaluate_accuracy(loaded, processor, "validation", 6) == accuracy
 
 
+def test_stage_two_schedule_puts_quarters_first_then_between_scenes():
+    from visionselector.data.reference_model import stage_two_schedule
+
+    assert stage_two_schedule(2, 3, 2) == [("quarters", 0), ("quarters", 1), ("scenes", 0), ("scenes", 1),
+                                           ("quarters", 2), ("scenes", 2)]
+    assert stage_two_schedule(0, 2, 1) == [("scenes", 0), ("quarters", 0), ("scenes", 1), ("quarters", 1)]
+    assert stage_two_schedule(1, 2, 0) == [("quarters", 0), ("scenes", 0), ("scenes", 1)]
+    with pytest.raises(ValueError, match="0 or more"):
+        stage_two_schedule(0, 2, -1)
+
+
+def test_token_sides_follow_the_merged_grid_in_raster_order():
+    import torch
+
+    from visionselector.data.reference_model import token_sides
+
+    # a 2 x 4 token image (4 x 8 patches), then a 1 x 2 one (2 x 4 patches)
+    sides = token_sides(torch.tensor([[1, 4, 8], [1, 2, 4]]))
+    assert sides.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 1]
+
+
+def test_position_loss_reads_the_asked_layer_and_rejects_others():
+    from visionselector.data.reference_model import ReferenceConfig, train_reference
+
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=2, vision_hidden=32,
+                             vision_depth=1, vision_steps=0, steps=1, batch_size=2, warmup_steps=1, eval_samples=2,
+                             eval_every=0, scenes=2, quarters_between=0, position_layer=3)
+    with pytest.raises(ValueError, match="position_layer must be a decoder layer, 1 to 2, got 3"):
+        train_reference(config, print_fn=lambda _: None, progress=False)
+
+
 def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
     import torch
 
     from visionselector.data.reference_model import ReferenceConfig, build_reference_model, train_reference
     from visionselector.data.processor import VQAProcessor, WordTokenizer
 
-    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32, vision_depth=1,
-                             vision_steps=0, steps=2,
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, position_layer=1,
+                             vision_hidden=32, vision_depth=1, vision_steps=0, steps=2,
                              batch_size=2, warmup_steps=1, eval_samples=2, eval_every=0, scenes=3, quarter_scenes=1,
                              quarter_steps=1)
     tokenizer = WordTokenizer(vocabulary())
@@ -351,11 +384,11 @@ def test_reference_widths_and_rotary_split_are_checked():
     from visionselector.data.reference_model import ReferenceConfig, build_reference_model
 
     processor = VQAProcessor(WordTokenizer(vocabulary()))
-    model = build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, text_layers=1, vision_hidden=32,
-                                                  vision_depth=1), processor.tokenizer, processor)
+    model = build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1,
+                                                  vision_hidden=32, vision_depth=1), processor.tokenizer, processor)
     assert model.config.text_config.rope_parameters["mrope_section"] == [2, 6, 24]
     with pytest.raises(ValueError, match="summing to half the head width \\(32\\)"):
-        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, mrope_section=(8, 12, 16)),
+        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, mrope_section=(8, 12, 16)),
                               processor.tokenizer, processor)
     with pytest.raises(ValueError, match="must divide into text_heads"):
         build_reference_model(ReferenceConfig(hidden_size=64, text_heads=3), processor.tokenizer, processor)

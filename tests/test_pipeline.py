@@ -23,7 +23,8 @@ def workspace(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     tokenizer = WordTokenizer(vocabulary())
     processor = VQAProcessor(tokenizer)
-    config = ReferenceConfig(hidden_size=64, text_heads=1, text_layers=4, vision_hidden=32, vision_depth=2, seed=3)
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=4, vision_hidden=32,
+                             vision_depth=2, seed=3)
     model = build_reference_model(config, tokenizer, processor)
     with torch.no_grad():  # float16 storage: make the weights exactly representable so reload is exact
         for parameter in model.parameters():
@@ -296,7 +297,7 @@ def test_cli_train_reference_writes_a_loadable_model_and_continues_only_from_mat
     tiny = ["--hidden-size", "64", "--text-layers", "1", "--vision-hidden", "32", "--vision-depth", "1",
             "--eval-every", "0", "--eval-samples", "2", "--test-samples", "2", "--batch-size", "2",
             "--warmup-steps", "1", "--scenes", "2", "--quarter-scenes", "1", "--quarter-steps", "1",
-            "--text-heads", "1", "--mrope-section", "4", "12", "16"]
+            "--text-heads", "1", "--text-kv-heads", "1", "--mrope-section", "4", "12", "16", "--position-layer", "1"]
     assert main(["train-reference", "--vision-steps", "1", "--steps", "1", "--out", str(tmp_path / "a"), *tiny]) == 0
     model, processor = load_reference_model(tmp_path / "a")
     record = json.loads((tmp_path / "a" / "training.json").read_text())
