@@ -158,17 +158,17 @@ def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
 
     from visionselector.data.reference_model import ReferenceConfig, evaluate_accuracy, train_reference
 
-    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, position_layer=1,
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, token_loss_layer=1,
                              vision_hidden=32, vision_depth=1, vision_steps=3, steps=2,
                              batch_size=2, warmup_steps=1, eval_samples=6, eval_every=0, scenes=3, quarter_scenes=1,
-                             quarter_steps=2, quarters_between=2)
+                             quarter_steps=2, quarters_between=2, shape_loss=0.5)
     lines = []
     model, processor, log = train_reference(config, tmp_path / "ref", print_fn=lines.append, progress=False)
     stage1 = [e for e in log if e["stage"] == 1 and "step" in e]
     stage2 = [e for e in log if e["stage"] == 2]
     assert len(stage1) == 3
     assert [e["images"] for e in stage2] == ["quarters", "quarters", "scenes", "scenes", "quarters"]
-    assert all(0.0 <= e["side_accuracy"] <= 1.0 for e in stage2)
+    assert all(0.0 <= e["side_accuracy"] <= 1.0 and 0.0 <= e["shape_accuracy"] <= 1.0 for e in stage2)
     assert all(e["loss"] == e["loss"] for e in stage1 + stage2)
     assert "validation_token_accuracy" in log[len(stage1)]
     accuracy = stage2[-1]["validation"]
@@ -198,13 +198,34 @@ def test_token_sides_follow_the_merged_grid_in_raster_order():
     assert sides.tolist() == [0, 0, 1, 1, 0, 0, 1, 1, 0, 1]
 
 
-def test_position_loss_reads_the_asked_layer_and_rejects_others():
+def test_shape_classes_join_shape_and_colour_into_one_class():
+    import torch
+
+    from visionselector.data.digits_vqa import COLOURS, LABEL_HEADS, SHAPES, token_labels
+    from visionselector.data.reference_model import shape_classes
+
+    labels = torch.zeros(3, len(LABEL_HEADS), dtype=torch.long)
+    labels[1, 2], labels[1, 3] = 1, 1  # circle, red
+    labels[2, 2], labels[2, 3] = 3, 6  # triangle, orange
+    assert shape_classes(labels).tolist() == [0, 1, 1 + 2 * 6 + 5]
+    assert list(COLOURS)[5] == "orange" and SHAPES[2] == "triangle"
+    layout: list = []
+    make_sample("train", 5, layout=layout)
+    full = token_labels(layout, _digits()[1])
+    classes = shape_classes(full)
+    on_shapes = full[:, 2] > 0
+    assert torch.equal(classes > 0, on_shapes)
+    expected = 1 + (full[on_shapes, 2] - 1) * len(COLOURS) + full[on_shapes, 3] - 1
+    assert torch.equal(classes[on_shapes], expected) and int(classes.max()) <= len(SHAPES) * len(COLOURS)
+
+
+def test_token_losses_read_a_decoder_layer_and_reject_others():
     from visionselector.data.reference_model import ReferenceConfig, train_reference
 
     config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=2, vision_hidden=32,
                              vision_depth=1, vision_steps=0, steps=1, batch_size=2, warmup_steps=1, eval_samples=2,
-                             eval_every=0, scenes=2, quarters_between=0, position_layer=3)
-    with pytest.raises(ValueError, match="position_layer must be a decoder layer, 1 to 2, got 3"):
+                             eval_every=0, scenes=2, quarters_between=0, token_loss_layer=3)
+    with pytest.raises(ValueError, match="token_loss_layer must be a decoder layer, 1 to 2, got 3"):
         train_reference(config, print_fn=lambda _: None, progress=False)
 
 
@@ -214,7 +235,7 @@ def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
     from visionselector.data.reference_model import ReferenceConfig, build_reference_model, train_reference
     from visionselector.data.processor import VQAProcessor, WordTokenizer
 
-    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, position_layer=1,
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, token_loss_layer=1,
                              vision_hidden=32, vision_depth=1, vision_steps=0, steps=2,
                              batch_size=2, warmup_steps=1, eval_samples=2, eval_every=0, scenes=3, quarter_scenes=1,
                              quarter_steps=1)

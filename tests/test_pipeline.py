@@ -297,7 +297,7 @@ def test_cli_train_reference_writes_a_loadable_model_and_continues_only_from_mat
     tiny = ["--hidden-size", "64", "--text-layers", "1", "--vision-hidden", "32", "--vision-depth", "1",
             "--eval-every", "0", "--eval-samples", "2", "--test-samples", "2", "--batch-size", "2",
             "--warmup-steps", "1", "--scenes", "2", "--quarter-scenes", "1", "--quarter-steps", "1",
-            "--text-heads", "1", "--text-kv-heads", "1", "--mrope-section", "4", "12", "16", "--position-layer", "1"]
+            "--text-heads", "1", "--text-kv-heads", "1", "--mrope-section", "4", "12", "16", "--token-loss-layer", "1"]
     assert main(["train-reference", "--vision-steps", "1", "--steps", "1", "--out", str(tmp_path / "a"), *tiny]) == 0
     model, processor = load_reference_model(tmp_path / "a")
     record = json.loads((tmp_path / "a" / "training.json").read_text())

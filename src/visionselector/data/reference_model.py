@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 
 from .digits_vqa import (
-    LABEL_HEADS, QUESTION_TYPES, _digits, crop_quarter, make_dense_scene, make_sample, scene_questions, token_labels,
-    vocabulary,
+    COLOURS, LABEL_HEADS, QUESTION_TYPES, SHAPES, _digits, crop_quarter, make_dense_scene, make_sample, scene_questions,
+    token_labels, vocabulary,
 )
 from ..training import _cosine_with_warmup
 from .processor import VQAProcessor, WordTokenizer
@@ -57,16 +57,20 @@ class ReferenceConfig:
     vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
     quarter_steps: int = field(default=0, metadata={
         "help": "stage 2: optimizer steps on 224 x 224 quarters of training scenes, before the whole scenes"})
-    steps: int = field(default=6000, metadata={"help": "stage 2: optimizer steps on whole scenes"})
+    steps: int = field(default=4000, metadata={"help": "stage 2: optimizer steps on whole scenes"})
     quarters_between: int = field(default=1, metadata={
         "help": "stage 2: after the quarter phase, one batch of quarters after every this many whole-scene batches "
                 "(0: none); quarters teach counting, which whole scenes alone teach slowly"})
-    position_loss: float = field(default=1.0, metadata={
+    position_loss: float = field(default=0.1, metadata={
         "help": "stage 2: weight of an auxiliary loss on the language model's visual tokens: whether each lies in "
                 "the left or right half of its image (0: off); the model must work this out from M-RoPE to "
                 "answer position questions, and the answer loss alone teaches it slowly"})
-    position_layer: int = field(default=2, metadata={
-        "help": "stage 2: decoder layer whose output the position loss reads (1 is the first)"})
+    shape_loss: float = field(default=0.0, metadata={
+        "help": "stage 2: weight of an auxiliary loss on the same tokens: which shape of which colour lies under "
+                "each, as one class (0: off); it asks the language model for the conjunction that presence "
+                "questions need"})
+    token_loss_layer: int = field(default=2, metadata={
+        "help": "stage 2: decoder layer whose output the position and shape losses read (1 is the first)"})
     scenes: int = field(default=8000, metadata={
         "help": "stage 2: training scenes, encoded once by the frozen encoder and revisited every epoch"})
     quarter_scenes: int = field(default=4000, metadata={"help": "stage 2: training scenes whose quarters are used"})
@@ -227,9 +231,9 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     """
     from tqdm.auto import tqdm
 
-    if not 1 <= config.position_layer <= config.text_layers:
-        raise ValueError(f"position_layer must be a decoder layer, 1 to {config.text_layers}, "
-                         f"got {config.position_layer}")
+    if not 1 <= config.token_loss_layer <= config.text_layers:
+        raise ValueError(f"token_loss_layer must be a decoder layer, 1 to {config.text_layers}, "
+                         f"got {config.token_loss_layer}")
     tokenizer = WordTokenizer(vocabulary())
     processor = VQAProcessor(tokenizer)
     model = build_reference_model(config, tokenizer, processor)
@@ -273,10 +277,11 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     schedule = stage_two_schedule(config.quarter_steps, config.steps, config.quarters_between)
     quarters = (_encoded_samples(model, processor, digits, config.quarter_scenes, quarters=True, progress=progress)
                 if "quarters" in {kind for kind, _ in schedule} else None)
-    position_head = PositionHead(config.hidden_size, model.config.image_token_id, config.position_layer)
+    token_losses = TokenLosses(config.hidden_size, model.config.image_token_id, config.token_loss_layer)
+    weights = {"side": config.position_loss, "shape": config.shape_loss}
     text_parameters = [p for p in model.parameters() if p.requires_grad]
-    if config.position_loss:
-        text_parameters += list(position_head.parameters())
+    if any(weights.values()):
+        text_parameters += list(token_losses.parameters())
     optimizer = torch.optim.AdamW(text_parameters, lr=config.learning_rate, weight_decay=0.01)
     total = len(schedule)
     scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, total)
@@ -286,16 +291,21 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
         samples = quarters if kind == "quarters" else scenes
         batch = samples.batch(index, config.batch_size, config.follow_ups, seed=config.seed)
         with torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=config.bfloat16):
-            output = model(**batch, output_hidden_states=bool(config.position_loss))
+            output = model(**batch, output_hidden_states=any(weights.values()))
             loss = answer_loss = output.loss
-            if config.position_loss:
-                side_loss, side_accuracy = position_head(output.hidden_states, batch)
-                loss = loss + config.position_loss * side_loss
+            token_results = {}
+            if any(weights.values()):
+                shapes = (samples.shapes[samples.indices(index, config.batch_size, seed=config.seed)]
+                          if weights["shape"] else None)
+                token_results = token_losses(output.hidden_states, batch, shapes)
+            for name, (token_loss, _) in token_results.items():
+                loss = loss + weights[name] * token_loss
         _optimizer_step(optimizer, scheduler, text_parameters, loss)
         entry = {"stage": 2, "step": step + 1, "images": kind, "loss": round(float(answer_loss.detach()), 4),
                  "seconds": round(time.time() - started, 1)}
-        if config.position_loss:
-            entry["side_accuracy"] = round(side_accuracy, 4)
+        for name, (_, accuracy) in token_results.items():
+            if weights[name]:
+                entry[f"{name}_accuracy"] = round(accuracy, 4)
         bar.set_postfix(loss=f"{entry['loss']:.3f}")
         last = step + 1 == total
         if last or (config.eval_every and (step + 1) % config.eval_every == 0):
@@ -340,30 +350,52 @@ def token_sides(image_grid_thw: torch.Tensor) -> torch.Tensor:
     return torch.cat(sides)
 
 
-class PositionHead(torch.nn.Module):
-    """Stage 2's auxiliary classifier (not saved): from the language model's hidden state of each
-    visual token after decoder layer ``layer``, whether the token lies in the left or right half of
-    its image. Visual tokens come in raster order, so the label follows from the image grid."""
+def shape_classes(labels: torch.Tensor) -> torch.Tensor:
+    """:func:`token_labels` (tokens, heads) -> (tokens,) the shape and its colour under each token
+    as one class: 0 for none, else 1 + shape * colours + colour."""
+    names = [name for name, _ in LABEL_HEADS]
+    shape, colour = labels[:, names.index("shape")], labels[:, names.index("colour")]
+    return torch.where(shape > 0, 1 + (shape - 1) * len(COLOURS) + (colour - 1).clamp(min=0), 0)
+
+
+class TokenLosses(torch.nn.Module):
+    """Stage 2's auxiliary classifiers (not saved), on the language model's hidden state of each
+    visual token after decoder layer ``layer``: whether the token lies in the left or right half of
+    its image (visual tokens come in raster order, so this follows from the image grid), and which
+    shape of which colour lies under it (:func:`shape_classes`)."""
 
     def __init__(self, width: int, image_token_id: int, layer: int) -> None:
         super().__init__()
-        self.classify, self.image_token_id, self.layer = torch.nn.Linear(width, 2), image_token_id, layer
+        self.side = torch.nn.Linear(width, 2)
+        self.shape = torch.nn.Linear(width, 1 + len(SHAPES) * len(COLOURS))
+        self.image_token_id, self.layer = image_token_id, layer
 
-    def forward(self, hidden_states: tuple, batch: dict) -> tuple[torch.Tensor, float]:
-        """hidden_states: the model's (embeddings, layer 1, ...), each (B, L, D) -> (cross-entropy, accuracy)."""
-        visual = hidden_states[self.layer][batch["input_ids"] == self.image_token_id]
-        logits = self.classify(visual.float())
-        labels = token_sides(batch["image_grid_thw"]).to(logits.device)
-        return torch.nn.functional.cross_entropy(logits, labels), float((logits.argmax(-1) == labels).float().mean())
+    def forward(self, hidden_states: tuple, batch: dict, shapes: torch.Tensor | None = None) -> dict:
+        """hidden_states: the model's (embeddings, layer 1, ...), each (B, L, D); shapes (B, tokens)
+        -> {"side" | "shape": (cross-entropy, accuracy on the tokens that carry the label)}."""
+        visual = hidden_states[self.layer][batch["input_ids"] == self.image_token_id].float()
+        sides = token_sides(batch["image_grid_thw"]).to(visual.device)
+        logits = self.side(visual)
+        result = {"side": (torch.nn.functional.cross_entropy(logits, sides),
+                           float((logits.argmax(-1) == sides).float().mean()))}
+        if shapes is not None:
+            classes = shapes.reshape(-1).to(visual.device)
+            logits = self.shape(visual)
+            on_shapes = classes > 0
+            result["shape"] = (torch.nn.functional.cross_entropy(logits, classes),
+                               float((logits.argmax(-1) == classes)[on_shapes].float().mean()))
+        return result
 
 
 class EncodedSamples:
     """Training samples whose images went through the frozen encoder once: ``features``
-    (N, tokens, D) in float16, each image's grid, and its questions (the first is asked first)."""
+    (N, tokens, D) in float16, each image's grid, its questions (the first is asked first) and,
+    optionally, ``shapes`` (N, tokens): the :func:`shape_classes` of its tokens."""
 
     def __init__(self, processor: VQAProcessor, features: torch.Tensor, grid: list[int],
-                 questions: list[list[tuple[str, str]]]) -> None:
+                 questions: list[list[tuple[str, str]]], shapes: torch.Tensor | None = None) -> None:
         self.processor, self.features, self.grid, self.questions = processor, features, grid, questions
+        self.shapes = shapes
         self._epoch, self._epoch_order = None, []
 
     def __len__(self) -> int:
@@ -375,13 +407,18 @@ class EncodedSamples:
             random.Random(seed * 1_000_003 + epoch).shuffle(self._epoch_order)
         return self._epoch_order
 
-    def batch(self, step: int, batch_size: int, follow_ups: int, *, seed: int) -> dict:
-        """The ``step``-th training batch: epochs over the samples in an order shuffled per epoch,
-        each sample with its first question and ``follow_ups`` others drawn afresh at every visit."""
+    def indices(self, step: int, batch_size: int, *, seed: int) -> list[int]:
+        """Which samples the ``step``-th batch holds."""
         indices = []
         for position in range(step * batch_size, (step + 1) * batch_size):
             epoch, within = divmod(position, len(self))
             indices.append(self._order(epoch, seed)[within])
+        return indices
+
+    def batch(self, step: int, batch_size: int, follow_ups: int, *, seed: int) -> dict:
+        """The ``step``-th training batch: epochs over the samples in an order shuffled per epoch,
+        each sample with its first question and ``follow_ups`` others drawn afresh at every visit."""
+        indices = self.indices(step, batch_size, seed=seed)
         rng = random.Random(seed * 1_000_003 + 7919 * step)
         turns = [self.questions[i][0:1] + rng.sample(self.questions[i][1:], min(follow_ups, len(self.questions[i]) - 1))
                  for i in indices]
@@ -401,7 +438,7 @@ def _encoded_samples(model, processor: VQAProcessor, digits, count: int, *, quar
 
     images, targets = digits
     first = QUARTER_SCENES_FIRST if quarters else SCENES_FIRST
-    features, questions = [], []
+    features, questions, shapes = [], [], []
     chunk = 8 if quarters else 32
     for start in tqdm(range(first, first + count, chunk), desc=f"encoding {'quarters of ' if quarters else ''}scenes",
                       disable=not progress):
@@ -412,6 +449,7 @@ def _encoded_samples(model, processor: VQAProcessor, digits, count: int, *, quar
             if not quarters:
                 others = scene_questions(layout, targets, random.Random(index))
                 pictures.append(image)
+                shapes.append(shape_classes(token_labels(layout, targets)))
                 questions.append([(question, answer)] + [q[:2] for q in others if q[0] != question])
                 continue
             for quarter in range(4):
@@ -419,13 +457,14 @@ def _encoded_samples(model, processor: VQAProcessor, digits, count: int, *, quar
                 found = [q[:2] for q in scene_questions(inside, targets, random.Random(4 * index + quarter), width=224)]
                 random.Random(4 * index + quarter).shuffle(found)
                 pictures.append(picture)
+                shapes.append(shape_classes(token_labels(inside, targets, size=224)))
                 questions.append(found)
         pixels = _processor_for(224 if quarters else 448).pixels(pictures)
         with torch.no_grad():
             tokens = _visual_tokens(model, pixels)
         features.append(tokens.reshape(len(pictures), -1, tokens.shape[-1]).half())
     grid = [int(v) for v in pixels["image_grid_thw"][0]]
-    return EncodedSamples(processor, torch.cat(features), grid, questions)
+    return EncodedSamples(processor, torch.cat(features), grid, questions, torch.stack(shapes))
 
 
 def _load_weights(model, directory, *, whole: bool) -> None:
