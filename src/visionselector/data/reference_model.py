@@ -57,7 +57,7 @@ class ReferenceConfig:
     vision_learning_rate: float = field(default=2e-3, metadata={"help": "stage 1: peak AdamW learning rate"})
     quarter_steps: int = field(default=0, metadata={
         "help": "stage 2: optimizer steps on 224 x 224 quarters of training scenes, before the whole scenes"})
-    steps: int = field(default=4000, metadata={"help": "stage 2: optimizer steps on whole scenes"})
+    steps: int = field(default=6000, metadata={"help": "stage 2: optimizer steps on whole scenes"})
     quarters_between: int = field(default=1, metadata={
         "help": "stage 2: after the quarter phase, one batch of quarters after every this many whole-scene batches "
                 "(0: none); quarters teach counting, which whole scenes alone teach slowly"})
