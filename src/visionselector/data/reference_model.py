@@ -35,9 +35,9 @@ class ReferenceConfig:
     auxiliary loss, what lies under each visual token (:func:`token_labels`); the language
     model then learns to answer from those tokens with the encoder frozen. Without the first
     stage the answer loss alone teaches the encoder far too slowly for a CPU. The second
-    stage starts on 224 x 224 quarters of scenes (64 visual tokens), where the language model
-    finds the asked object among a quarter of the tokens and each step costs a third, and
-    ends on whole scenes.
+    stage alternates whole scenes with 224 x 224 quarters of scenes (64 visual tokens), where
+    the language model finds the asked objects among a quarter of the tokens (it learns to
+    count there) and each step costs a third.
     """
 
     hidden_size: int = field(default=192, metadata={"help": "language model width (and visual token width)"})
@@ -198,7 +198,7 @@ def _processor_for(size: int) -> VQAProcessor:
 def _labelled_tokens(model, split: str, indices, digits) -> tuple[torch.Tensor, torch.Tensor]:
     """Visual tokens and their :func:`token_labels` for crowded pretraining scenes
     (``split="dense"``) or task samples: the first half of ``indices`` as whole 448 x 448
-    scenes, the second as one 224 x 224 quarter of each (stage 2 starts on quarters)."""
+    scenes, the second as one 224 x 224 quarter of each (stage 2 also trains on quarters)."""
     indices = list(indices)
     half = len(indices) - len(indices) // 2
     tokens, labels = [], []
@@ -225,9 +225,10 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
 
     Stage 1 trains the vision encoder and merger on :func:`token_labels` (``vision_steps``
     batches; from ``vision_from``'s encoder if given). Stage 2 freezes them, encodes its
-    training images once, and trains the language model on the answers: ``quarter_steps``
-    batches of scene quarters, then ``steps`` of whole scenes. Each stage draws its own
-    training samples; validation is checked along the way.
+    training images once, and trains the language model on the answers in the order of
+    :func:`stage_two_schedule`: ``quarter_steps`` batches of scene quarters, then ``steps`` of
+    whole scenes with quarter batches between them, plus the auxiliary token losses. Each
+    stage draws its own training samples; validation is checked along the way.
     """
     from tqdm.auto import tqdm
 
