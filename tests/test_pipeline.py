@@ -232,6 +232,52 @@ def test_quality_harness_rejects_bad_requests(workspace):
         evaluate_methods(model, processor, examples, methods=["pool"], retentions=(0.0,), progress=False)
 
 
+def test_method_options_reach_the_method_and_are_recorded(workspace):
+    from visionselector.eval.quality import evaluate_methods
+
+    model, processor = _load(workspace)
+    examples = load_examples(workspace["test"])
+
+    def direct(**options):
+        """Per example: kept indices and whether the greedy answer is right, from plain generate."""
+        vs.attach(model, method="dart", retention=0.1, **options)
+        kept, hits = [], []
+        for example in examples:
+            batch = processor([example.load_image()], [example.question])
+            with torch.no_grad():
+                out = model.generate(**batch, max_new_tokens=2, do_sample=False,
+                                     eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
+            kept.append(vs.last_selection(model)[0].tolist())
+            hits.append(processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:]).strip() == example.answer)
+        vs.detach(model)
+        return kept, sum(hits) / len(hits)
+
+    after_first, accuracy = direct(layer=0)
+    assert after_first != direct()[0]  # the option changes which tokens are kept
+    records = evaluate_methods(model, processor, examples, methods=["dart"], retentions=(0.1,), batch_size=4,
+                               progress=False, method_options={"dart": {"layer": 0}})
+    assert records[0].options == {"layer": 0} and records[0].accuracy == pytest.approx(accuracy)
+    with pytest.raises(ValueError, match="'fastv', which is not evaluated"):
+        evaluate_methods(model, processor, examples, methods=["dart"], retentions=(0.1,), progress=False,
+                         method_options={"fastv": {"layer": 0}})
+
+
+def test_method_options_parse_and_name_what_is_valid():
+    from visionselector.eval.quality import parse_method_options
+
+    assert parse_method_options(["dart.layer=0", "dart.num_pivots=4", "fastv.layer=1", "random.seed=7"],
+                                ["dart", "fastv", "random"]) == {
+        "dart": {"layer": 0, "num_pivots": 4}, "fastv": {"layer": 1}, "random": {"seed": 7}}
+    assert parse_method_options(["visionzip.contextual_ratio=0.25"], ["visionzip"]) == {
+        "visionzip": {"contextual_ratio": 0.25}}
+    with pytest.raises(ValueError, match="METHOD.OPTION=VALUE"):
+        parse_method_options(["dart=0"], ["dart"])
+    with pytest.raises(ValueError, match="evaluated methods: dart"):
+        parse_method_options(["fastv.layer=0"], ["dart"])
+    with pytest.raises(ValueError, match="no option 'depth'; its options: layer, num_pivots"):
+        parse_method_options(["dart.depth=0"], ["dart"])
+
+
 def test_overlay_dims_exactly_the_dropped_tokens():
     from PIL import Image
 
@@ -259,16 +305,20 @@ def test_cli_train_eval_show_end_to_end(workspace, tmp_path, capsys):
     assert (tmp_path / "sel" / "selector.safetensors").is_file()
     assert main(["eval", "--data", str(workspace["test"]), "--model", model, "--selector", str(tmp_path / "sel"),
                  "--methods", "visionselector", "random", "--retentions", "0.1", "1.0", "--limit", "4",
-                 "--out", str(tmp_path / "res"), "--no-progress"]) == 0
+                 "--method-options", "random.seed=5", "--out", str(tmp_path / "res"), "--no-progress"]) == 0
     rows = json.loads((tmp_path / "res" / "results.json").read_text())
     assert {(r["method"], r["retention"]) for r in rows} == {(m, r) for m in ("visionselector", "random")
                                                             for r in (0.1, 1.0)}
+    assert {r["method"]: r["options"] for r in rows} == {"visionselector": {}, "random": {"seed": 5}}
     assert main(["show", "--data", str(workspace["test"]), "--index", "2", "--model", model, "--method", "divprune",
                  "--retention", "0.3", "--out", str(tmp_path / "show.png")]) == 0
     assert (tmp_path / "show.png").read_bytes()[:4] == b"\x89PNG"
     capsys.readouterr()
     assert main(["eval", "--data", str(workspace["test"]), "--model", model, "--methods", "nope"]) == 2
     assert "unknown method 'nope'" in capsys.readouterr().err
+    assert main(["eval", "--data", str(workspace["test"]), "--model", model, "--methods", "dart",
+                 "--method-options", "dart.layers=0"]) == 2
+    assert "no option 'layers'; its options: layer, num_pivots" in capsys.readouterr().err
     assert main(["train", "--data", str(workspace["train"]), "--model", model, "--retention", "1.5"]) == 2
     assert "retention must be in (0, 1]" in capsys.readouterr().err
     assert main(["train", "--data", str(tmp_path / "missing.jsonl"), "--model", model]) == 2

@@ -13,9 +13,9 @@ def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "") + f" (default: {default})"
         if isinstance(default, tuple):
-            kind = (str if default and isinstance(default[0], str)
+            kind = (str if str(field.type).startswith("tuple[str") or default and isinstance(default[0], str)
                     else int if default and type(default[0]) is int else float)
-            parser.add_argument(flag, type=kind, nargs="+", default=default, help=help_text)
+            parser.add_argument(flag, type=kind, nargs="*" if not default else "+", default=default, help=help_text)
         elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=help_text)
         else:
@@ -66,10 +66,15 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "methods":
+        import inspect
+
         from .methods import list_methods
+        from .methods.base import get_method_class
 
         for name, description in list_methods().items():
-            print(f"{name:16} {description}")
+            parameters = list(inspect.signature(get_method_class(name).__init__).parameters.values())[2:]
+            options = ", ".join(f"{p.name}={p.default}" for p in parameters if p.default is not inspect.Parameter.empty)
+            print(f"{name:16} {description}" + (f" (options: {options})" if options else ""))
         return 0
     _, config_class, runner = _commands()[args.command]
     values = {f.name: getattr(args, f.name) for f in dataclasses.fields(config_class)}

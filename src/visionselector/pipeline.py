@@ -127,6 +127,9 @@ class EvalConfig:
     selector: str | None = field(default=None, metadata={"help": "trained selector directory (for visionselector)"})
     methods: tuple[str, ...] = field(default=(ALL_METHODS,), metadata={"help": "methods to compare, or 'all'"})
     retentions: tuple[float, ...] = field(default=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0), metadata={"help": "retentions"})
+    method_options: tuple[str, ...] = field(default=(), metadata={
+        "help": "options of the evaluated methods as METHOD.OPTION=VALUE, e.g. dart.layer=0 fastv.layer=0 "
+                "(the decoder layer they prune after); 'visionselector methods' lists each method's options"})
     batch_size: int = field(default=32, metadata={"help": "examples per generate call"})
     limit: int | None = field(default=None, metadata={"help": "use only the first N examples"})
     cache_features: bool = field(default=True, metadata={"help": "encode each image once for all methods"})
@@ -148,7 +151,7 @@ def _method_list(methods, selector) -> list[str]:
 def run_eval(config: EvalConfig, *, model=None, processor=None, print_fn=print) -> dict:
     """Evaluate methods x retentions; writes and returns the results."""
     from .data.vqa import FeatureCache, load_examples
-    from .eval.quality import evaluate_methods, format_table, write_results
+    from .eval.quality import evaluate_methods, format_table, parse_method_options, write_results
 
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}")
@@ -156,6 +159,7 @@ def run_eval(config: EvalConfig, *, model=None, processor=None, print_fn=print) 
         torch.set_num_threads(config.threads)
     data = _check_file(config.data, "evaluation data")
     methods = _method_list(config.methods, config.selector)
+    method_options = parse_method_options(config.method_options, methods)
     if model is None:
         model, processor = load_model(config.model)
     examples = load_examples(data, config.limit)
@@ -166,8 +170,10 @@ def run_eval(config: EvalConfig, *, model=None, processor=None, print_fn=print) 
              f"on {len(examples)} examples of {data}")
     records = evaluate_methods(model, processor, examples, methods=methods, retentions=config.retentions,
                                selector=config.selector, cache=cache, batch_size=config.batch_size,
-                               progress=config.progress, print_fn=print_fn if not config.progress else None)
+                               progress=config.progress, print_fn=print_fn if not config.progress else None,
+                               method_options=method_options)
     meta = {"data": str(data), "examples": len(examples), "model": config.model, "selector": config.selector,
+            "method_options": method_options,
             "threads": torch.get_num_threads(), "encoder_ms_per_image": round(1000 * encode_seconds / len(examples), 2)
             if cache is not None else None, "seconds": round(time.time() - started, 1)}
     paths = write_results(records, config.out, meta=meta)

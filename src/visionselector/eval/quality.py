@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["QualityRecord", "normalise_answer", "evaluate_methods", "write_results", "format_table", "plot_results"]
+__all__ = ["QualityRecord", "normalise_answer", "parse_method_options", "evaluate_methods", "write_results",
+           "format_table", "plot_results"]
 
 DEFAULT_RETENTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
@@ -34,6 +35,44 @@ class QualityRecord:
     prefill_ms: float = field(metadata={"help": "mean prefill time per sample (selection and language model)"})
     samples: int = field(metadata={"help": "examples evaluated"})
     by_type: dict = field(default_factory=dict, metadata={"help": "accuracy per question type, if known"})
+    options: dict = field(default_factory=dict, metadata={"help": "options the method ran with, beyond its defaults"})
+
+
+def parse_method_options(items, methods) -> dict[str, dict]:
+    """``["dart.layer=0", "fastv.layer=0"]`` -> ``{"dart": {"layer": 0}, "fastv": {"layer": 0}}``.
+
+    Values read as int, float, ``true``/``false`` or else text. Each method must be among
+    ``methods`` and each option a parameter of that method's constructor.
+    """
+    import inspect
+
+    from ..methods.base import get_method_class
+
+    options: dict[str, dict] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        method, _, option = name.partition(".")
+        if not (method and option and value):
+            raise ValueError(f"method option {item!r} is not METHOD.OPTION=VALUE (for example dart.layer=0)")
+        if method not in methods:
+            raise ValueError(f"method option {item!r} is for {method!r}, which is not evaluated; "
+                             f"evaluated methods: {', '.join(methods)}")
+        accepted = list(inspect.signature(get_method_class(method).__init__).parameters)[2:]
+        if option not in accepted:
+            raise ValueError(f"method {method!r} has no option {option!r}; its options: {', '.join(accepted) or 'none'}")
+        options.setdefault(method, {})[option] = _option_value(value)
+    return options
+
+
+def _option_value(text: str):
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
 
 
 def normalise_answer(text: str) -> str:
@@ -97,7 +136,7 @@ def _run(model, processor, examples, batches, *, max_new_tokens: int, attached: 
     return hits, kept, visual, seconds
 
 
-def _record(method, retention, examples, hits, kept, visual, seconds) -> QualityRecord:
+def _record(method, retention, examples, hits, kept, visual, seconds, options=None) -> QualityRecord:
     by_type: dict[str, list[bool]] = {}
     for example, hit in zip(examples, hits):
         if example.kind is not None:
@@ -105,13 +144,14 @@ def _record(method, retention, examples, hits, kept, visual, seconds) -> Quality
     return QualityRecord(
         method=method, retention=retention, accuracy=sum(hits) / len(hits), tokens_kept=sum(kept) / len(kept),
         visual_tokens=sum(visual) / len(visual), prefill_ms=1000 * seconds / len(hits), samples=len(hits),
-        by_type={kind: sum(v) / len(v) for kind, v in sorted(by_type.items())},
+        by_type={kind: sum(v) / len(v) for kind, v in sorted(by_type.items())}, options=dict(options or {}),
     )
 
 
 def evaluate_methods(model, processor, examples, *, methods: list[str], retentions=DEFAULT_RETENTIONS,
                      selector: str | Path | None = None, cache=None, batch_size: int = 32,
-                     max_new_tokens: int | None = None, progress: bool = True, print_fn=None) -> list[QualityRecord]:
+                     max_new_tokens: int | None = None, progress: bool = True, print_fn=None,
+                     method_options: dict[str, dict] | None = None) -> list[QualityRecord]:
     """Evaluate every method at every retention; returns one :class:`QualityRecord` per pair.
 
     Args:
@@ -126,6 +166,8 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
         max_new_tokens: answer length limit (default: the longest reference answer in
             tokens, plus one).
         print_fn: called with each finished record's one-line summary.
+        method_options: per method, options for its constructor (``{"dart": {"layer": 0}}``);
+            they are recorded in each of its records.
     """
     import visionselector as vs
     from tqdm.auto import tqdm
@@ -139,6 +181,11 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(known)}")
     retentions = sorted({validate_retention(r) for r in retentions})
+    method_options = dict(method_options or {})
+    stray = [m for m in method_options if m not in methods]
+    if stray:
+        raise ValueError(f"options given for {', '.join(map(repr, stray))}, which is not evaluated; "
+                         f"evaluated methods: {', '.join(methods)}")
     if "visionselector" in methods and selector is None:
         raise ValueError("method 'visionselector' needs a trained selector (a directory written by save_selector)")
     if vs.is_attached(model):
@@ -165,7 +212,8 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
             full = _run(model, processor, examples, cached, max_new_tokens=max_new_tokens, attached=False,
                         progress_bar=bar)
         for method in methods:
-            options = {"selector": selector} if method == "visionselector" else {}
+            chosen = dict(method_options.get(method, {}))
+            options = {**chosen, **({"selector": selector} if method == "visionselector" else {})}
             vs.attach(model, method=method, retention=pruned[0] if pruned else 1.0, **options)
             model.eval()
             batches = cached
@@ -174,13 +222,13 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
             try:
                 for retention in retentions:
                     if retention == 1.0:
-                        finish(_record(method, 1.0, examples, *full))
+                        finish(_record(method, 1.0, examples, *full, chosen))
                         continue
                     vs.set_retention(model, retention)
                     bar.set_postfix(method=method, retention=retention)
                     result = _run(model, processor, examples, batches, max_new_tokens=max_new_tokens,
                                   attached=True, progress_bar=bar)
-                    finish(_record(method, retention, examples, *result))
+                    finish(_record(method, retention, examples, *result, chosen))
             finally:
                 vs.detach(model)
     finally:
