@@ -357,3 +357,22 @@ def test_cli_train_reference_writes_a_loadable_model_and_continues_only_from_mat
     assert main(["train-reference", "--steps", "1", "--vision-from", str(tmp_path / "a"), "--out",
                  str(tmp_path / "c"), *[("96" if v == "32" else v) for v in tiny]]) == 2
     assert "other widths" in capsys.readouterr().err
+
+
+def test_demo_summary_compares_against_the_full_model_and_the_best_training_free_method():
+    from visionselector.demo import _targets
+    from visionselector.eval.quality import QualityRecord
+
+    def record(method, retention, accuracy, prefill_ms):
+        return QualityRecord(method, retention, accuracy, 25.0, 256.0, prefill_ms, 100)
+
+    records = [record(m, 1.0, 0.8, 8.0) for m in ("visionselector", "dart", "uniform")] + [
+        record("visionselector", 0.3, 0.76, 2.5), record("visionselector", 0.1, 0.7, 1.25),
+        record("dart", 0.1, 0.785, 6.5), record("uniform", 0.1, 0.52, 1.0)]
+    summary = _targets(records)
+    assert summary["share_of_full_at_0.3"] == pytest.approx(0.95)
+    assert summary["best_training_free_at_0_1"] == "dart" and summary["margin_at_0_1"] == pytest.approx(-0.085)
+    assert summary["lines"] == [
+        "visionselector at retention 0.3 keeps 95.0% of the full-token accuracy (76.0% vs 80.0%)",
+        "at retention 0.1 visionselector scores 70.0%, the best training-free method (dart) 78.5%: -8.5 points "
+        "(prefill 1.25 ms against 6.50 ms per sample)"]

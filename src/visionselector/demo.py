@@ -112,6 +112,7 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
 def _targets(records) -> dict:
     """How the selector fares against the full model and the best training-free method."""
     cells = {(r.method, r.retention): r.accuracy for r in records}
+    prefill = {(r.method, r.retention): r.prefill_ms for r in records}
     full = next((r.accuracy for r in records if r.retention == 1.0), None)
     lines, result = [], {"full_accuracy": full}
     if ("visionselector", 0.3) in cells and full:
@@ -125,6 +126,7 @@ def _targets(records) -> dict:
         margin = cells["visionselector", 0.1] - at_01[best]
         result.update(best_training_free_at_0_1=best, margin_at_0_1=margin)
         lines.append(f"at retention 0.1 visionselector scores {100 * cells['visionselector', 0.1]:.1f}%, the best "
-                     f"training-free method ({best}) {100 * at_01[best]:.1f}%: {100 * margin:+.1f} points")
+                     f"training-free method ({best}) {100 * at_01[best]:.1f}%: {100 * margin:+.1f} points "
+                     f"(prefill {prefill['visionselector', 0.1]:.2f} ms against {prefill[best, 0.1]:.2f} ms per sample)")
     result["lines"] = lines
     return result
