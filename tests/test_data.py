@@ -273,6 +273,78 @@ def test_token_labels_mark_exactly_the_tokens_an_object_covers():
             assert labels[row, column].tolist() == expected + [anchor, 1 + (column >= 8)], (row, column)
 
 
+def test_object_tokens_and_asked_objects_on_known_layouts():
+    from visionselector.data.digits_vqa import _digits, asked_objects, make_sample, object_tokens, token_labels
+
+    layout = [
+        (28, 0, 92, 64, {"digit": 0, "box": "green"}),
+        (420, 420, 448, 448, {"shape": "triangle", "colour": "orange"}),
+        (0, 420, 5, 448, {"shape": "circle", "colour": "red"}),  # under a fifth of any token
+        (0, 0, 28, 28, {"digit": 1, "box": None}),
+        (224, 224, 252, 252, {"shape": "triangle", "colour": "green"}),
+    ]
+    assert object_tokens(layout) == [[1, 2, 3, 17, 18, 19, 33, 34], [255], [], [0], [8 * 16 + 8]]
+    assert asked_objects("what digit is in the green box ?", "read_digit", layout) == [0]
+    assert asked_objects("what colour is the circle ?", "colour", layout) == [2]
+    assert asked_objects("what shape is the green object ?", "shape", layout) == [4]  # not the green box
+    assert asked_objects("how many triangles are there ?", "count", layout) == [1, 4]
+    assert asked_objects("is there a orange triangle ?", "presence", layout) == [1]
+    assert asked_objects("is there a red triangle ?", "presence", layout) == []
+    assert asked_objects("is the green triangle on the left or the right ?", "position", layout) == [4]
+    with pytest.raises(ValueError, match="unknown question type 'size'; known: read_digit"):
+        asked_objects("how big ?", "size", layout)
+
+    images, targets = _digits()
+    for index in range(12):  # on generated samples: the union is what token_labels marks; one asked object
+        layout = []
+        _, question, answer, kind = make_sample("test", index, images, targets, layout=layout)
+        covered = (token_labels(layout, targets)[:, :4] > 0).any(1).nonzero().flatten().tolist()
+        assert sorted(t for tokens in object_tokens(layout) for t in tokens) == covered
+        asked = asked_objects(question, kind, layout)
+        expected = int(answer) if kind == "count" else 0 if answer == "no" else 1
+        assert len(asked) == expected, (index, question, answer)
+
+
+def test_object_coverage_counts_what_the_kept_tokens_cover():
+    import visionselector as vs
+    from visionselector.data.digits_vqa import _digits, asked_objects, make_sample, object_tokens
+    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.data.reference_model import ReferenceConfig, build_reference_model
+    from visionselector.eval.coverage import kept_object_coverage
+
+    processor = VQAProcessor(WordTokenizer(vocabulary()))
+    config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=2, vision_hidden=32,
+                             vision_depth=2, seed=1)
+    model = build_reference_model(config, processor.tokenizer, processor)
+    result = kept_object_coverage(model, processor, method="uniform", retention=0.25, samples=6)
+    # uniform keeps the centre of every 2 x 2 block: tokens (2i + 1, 2j + 1), whatever the image
+    kept = {r * 16 + c for r in range(1, 16, 2) for c in range(1, 16, 2)}
+    images, targets = _digits()
+    seen = objects = asked_seen = asked_count = on_objects = asked_kept = asked_tokens = 0
+    for index in range(6):
+        layout = []
+        _, question, _, kind = make_sample("test", index, images, targets, layout=layout)
+        tokens = [set(t) for t in object_tokens(layout)]
+        seen += sum(bool(t & kept) for t in tokens)
+        objects += len(tokens)
+        asked = [tokens[i] for i in asked_objects(question, kind, layout)]
+        asked_seen += sum(bool(t & kept) for t in asked)
+        asked_count += len(asked)
+        on_objects += len(kept & set().union(*tokens))
+        asked_kept += len(kept & set().union(*asked))
+        asked_tokens += len(set().union(*asked))
+    assert result.samples == 6 and len(result.by_type) == 6
+    assert result.objects_seen == pytest.approx(seen / objects)
+    assert result.asked_objects_seen == pytest.approx(asked_seen / asked_count)
+    assert result.kept_on_objects == pytest.approx(on_objects / (6 * 64))
+    assert result.asked_tokens_kept == pytest.approx(asked_kept / asked_tokens)
+    assert not vs.is_attached(model)
+    with pytest.raises(ValueError, match="coverage is measured below 1.0"):
+        kept_object_coverage(model, processor, method="uniform", retention=1.0, samples=1)
+    with pytest.raises(ValueError, match="needs a trained selector"):
+        kept_object_coverage(model, processor, method="visionselector", retention=0.1, samples=1)
+
+
 def test_layout_capture_does_not_change_the_sample():
     images, targets = _digits()
     layout = []

@@ -32,7 +32,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["COLOURS", "SHAPES", "QUESTION_TYPES", "SPLITS", "Scene", "make_sample", "write_split", "vocabulary"]
+__all__ = ["COLOURS", "SHAPES", "QUESTION_TYPES", "SPLITS", "Scene", "make_sample", "write_split", "vocabulary",
+           "token_labels", "object_tokens", "asked_objects"]
 
 IMAGE_SIZE = 448
 CELLS = 4  # the canvas is a 4 x 4 grid of 112-pixel cells; each object gets its own cell
@@ -303,18 +304,55 @@ def token_labels(layout: list, targets, *, size: int = IMAGE_SIZE):
     labels = torch.zeros(side, side, len(LABEL_HEADS), dtype=torch.long)
     labels[:, : side // 2, 5], labels[:, side // 2:, 5] = 1, 2
     colours, boxes = list(COLOURS), list(BOX_COLOURS)
-    for left, top, right, bottom, attributes in layout:
+    for (left, top, right, bottom, attributes), cells in zip(layout, object_tokens(layout, size=size)):
         values = ([int(targets[attributes["digit"]]) + 1, 0 if attributes["box"] is None else boxes.index(attributes["box"]) + 1, 0, 0]
                   if "digit" in attributes else [0, 0, SHAPES.index(attributes["shape"]) + 1, colours.index(attributes["colour"]) + 1])
+        for cell in cells:
+            labels[cell // side, cell % side, :4] = torch.tensor(values)
+        centre_row, centre_column = (top + bottom) // 2 // TOKEN_PIXELS, (left + right) // 2 // TOKEN_PIXELS
+        labels[min(side - 1, centre_row), min(side - 1, centre_column), 4] = 1
+    return labels.reshape(side * side, len(LABEL_HEADS))
+
+
+def object_tokens(layout: list, *, size: int = IMAGE_SIZE) -> list[list[int]]:
+    """Per object of ``layout`` (from ``make_sample(..., layout=...)``), the indices of the
+    visual tokens it labels in :func:`token_labels` (row-major over the token grid): those
+    it covers at least a fifth of. Objects never overlap, so no token is in two lists."""
+    side = size // TOKEN_PIXELS
+    tokens = []
+    for left, top, right, bottom, _ in layout:
+        cells = []
         for row in range(top // TOKEN_PIXELS, min(side, (bottom - 1) // TOKEN_PIXELS + 1)):
             for column in range(left // TOKEN_PIXELS, min(side, (right - 1) // TOKEN_PIXELS + 1)):
                 height = min(bottom, (row + 1) * TOKEN_PIXELS) - max(top, row * TOKEN_PIXELS)
                 width = min(right, (column + 1) * TOKEN_PIXELS) - max(left, column * TOKEN_PIXELS)
                 if height * width >= _MIN_OVERLAP * TOKEN_PIXELS ** 2:
-                    labels[row, column, :4] = torch.tensor(values)
-        centre_row, centre_column = (top + bottom) // 2 // TOKEN_PIXELS, (left + right) // 2 // TOKEN_PIXELS
-        labels[min(side - 1, centre_row), min(side - 1, centre_column), 4] = 1
-    return labels.reshape(side * side, len(LABEL_HEADS))
+                    cells.append(row * side + column)
+        tokens.append(cells)
+    return tokens
+
+
+def asked_objects(question: str, kind: str, layout: list) -> list[int]:
+    """Indices into ``layout`` of the objects ``question`` (of type ``kind``) is about: the
+    digit in the named box, the named shape (every one of them, to count), the object of
+    the named colour, or the one of the named colour and shape (none for a "no" presence)."""
+    if kind not in QUESTION_TYPES:
+        raise ValueError(f"unknown question type {kind!r}; known: {', '.join(QUESTION_TYPES)}")
+    words = set(question.replace("?", " ").split())
+    words |= {word[:-1] for word in words if word.endswith("s")}  # "how many squares"
+
+    def about(attributes) -> bool:
+        if kind == "read_digit":
+            return attributes.get("box") is not None and attributes["box"] in words
+        if "shape" not in attributes:
+            return False
+        if kind in ("colour", "count"):
+            return attributes["shape"] in words
+        if kind == "shape":
+            return attributes["colour"] in words
+        return attributes["shape"] in words and attributes["colour"] in words
+
+    return [index for index, (*_, attributes) in enumerate(layout) if about(attributes)]
 
 
 def write_split(directory: str | Path, split: str, count: int, *, first: int = 0, progress: bool = True,
