@@ -338,7 +338,7 @@ def test_shipped_reference_model_loads_and_reads_the_image():
     assert model.config.text_config.hidden_size == record["stages"][-1]["config"]["hidden_size"]
     assert len(processor.tokenizer) == model.config.text_config.vocab_size
     accuracy = evaluate_accuracy(model, processor, "test", 60, batch_size=30)
-    assert accuracy["all"] >= 0.65, accuracy  # the record says 79.7% on 600 test samples
+    assert accuracy["all"] >= 0.75, accuracy  # 85% on these 60; the record says 82.3% on 600 test samples
 
 
 def test_cli_train_reference_writes_a_loadable_model_and_continues_only_from_matching_widths(tmp_path, capsys):
