@@ -39,6 +39,15 @@ def _load(workspace):
     return load_reference_model(workspace["model_dir"])
 
 
+def _greedy_answer(model, processor, example) -> str:
+    """The model's greedy answer (at most two tokens) to one example, from plain generate on pixels."""
+    batch = processor([example.load_image()], [example.question])
+    with torch.no_grad():
+        out = model.generate(**batch, max_new_tokens=2, do_sample=False,
+                             eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
+    return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+
+
 def test_exported_reference_reloads_exactly(workspace):
     model, processor = _load(workspace)
     again, _ = _load(workspace)
@@ -194,12 +203,7 @@ def test_quality_harness_matches_direct_generation_and_writes_results(workspace,
             vs.attach(model, method=method, retention=retention, **options)
         hits, kept = [], []
         for example in examples:
-            batch = processor([example.load_image()], [example.question])
-            with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=2, do_sample=False,
-                                     eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
-            said = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
-            hits.append(normalise_answer(said) == normalise_answer(example.answer))
+            hits.append(normalise_answer(_greedy_answer(model, processor, example)) == normalise_answer(example.answer))
             kept.append(len(vs.last_selection(model)[0]) if retention < 1 else 256)
         if retention < 1:
             vs.detach(model)
@@ -233,7 +237,7 @@ def test_quality_harness_rejects_bad_requests(workspace):
 
 
 def test_method_options_reach_the_method_and_are_recorded(workspace):
-    from visionselector.eval.quality import evaluate_methods
+    from visionselector.eval.quality import evaluate_methods, normalise_answer
 
     model, processor = _load(workspace)
     examples = load_examples(workspace["test"])
@@ -243,12 +247,9 @@ def test_method_options_reach_the_method_and_are_recorded(workspace):
         vs.attach(model, method="dart", retention=0.1, **options)
         kept, hits = [], []
         for example in examples:
-            batch = processor([example.load_image()], [example.question])
-            with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=2, do_sample=False,
-                                     eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
+            said = _greedy_answer(model, processor, example)
             kept.append(vs.last_selection(model)[0].tolist())
-            hits.append(processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:]).strip() == example.answer)
+            hits.append(normalise_answer(said) == normalise_answer(example.answer))
         vs.detach(model)
         return kept, sum(hits) / len(hits)
 

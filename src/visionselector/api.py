@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import os
 
 import torch
@@ -11,6 +10,7 @@ from .adapters import AttachedState, find_adapter
 from .adapters.base import MODES, restore_forwards
 from .checkpoint import read_selector, write_selector
 from .methods import get_method_class
+from .methods.base import method_options
 from .ops.topk import validate_retention
 
 __all__ = [
@@ -106,9 +106,8 @@ def _build_method(method_class, hidden_size: int, options: dict):
     try:
         return method_class(hidden_size, **options)
     except TypeError as error:
-        parameters = list(inspect.signature(method_class.__init__).parameters)[2:]
         raise TypeError(f"invalid options for method {method_class.name!r}: {error}; "
-                        f"accepted options: {', '.join(parameters) or 'none'}") from None
+                        f"accepted options: {', '.join(method_options(method_class)) or 'none'}") from None
 
 
 def _undo(model, state: AttachedState) -> None:

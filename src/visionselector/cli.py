@@ -69,11 +69,11 @@ def main(argv: list[str] | None = None) -> int:
         import inspect
 
         from .methods import list_methods
-        from .methods.base import get_method_class
+        from .methods.base import get_method_class, method_options
 
         for name, description in list_methods().items():
-            parameters = list(inspect.signature(get_method_class(name).__init__).parameters.values())[2:]
-            options = ", ".join(f"{p.name}={p.default}" for p in parameters if p.default is not inspect.Parameter.empty)
+            options = ", ".join(f"{option}={default}" for option, default in method_options(get_method_class(name)).items()
+                                if default is not inspect.Parameter.empty)
             print(f"{name:16} {description}" + (f" (options: {options})" if options else ""))
         return 0
     _, config_class, runner = _commands()[args.command]

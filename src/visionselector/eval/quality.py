@@ -44,9 +44,7 @@ def parse_method_options(items, methods) -> dict[str, dict]:
     Values read as int, float, ``true``/``false`` or else text. Each method must be among
     ``methods`` and each option a parameter of that method's constructor.
     """
-    import inspect
-
-    from ..methods.base import get_method_class
+    from ..methods.base import get_method_class, method_options
 
     options: dict[str, dict] = {}
     for item in items:
@@ -57,7 +55,7 @@ def parse_method_options(items, methods) -> dict[str, dict]:
         if method not in methods:
             raise ValueError(f"method option {item!r} is for {method!r}, which is not evaluated; "
                              f"evaluated methods: {', '.join(methods)}")
-        accepted = list(inspect.signature(get_method_class(method).__init__).parameters)[2:]
+        accepted = list(method_options(get_method_class(method)))
         if option not in accepted:
             raise ValueError(f"method {method!r} has no option {option!r}; its options: {', '.join(accepted) or 'none'}")
         options.setdefault(method, {})[option] = _option_value(value)

@@ -11,7 +11,8 @@ from torch import nn
 
 from ..ops.topk import hard_topk
 
-__all__ = ["InsideLLMMethod", "Selection", "SelectionMethod", "VisualTokens", "register_method", "get_method_class", "list_methods"]
+__all__ = ["InsideLLMMethod", "Selection", "SelectionMethod", "VisualTokens", "register_method", "get_method_class",
+           "list_methods", "method_options"]
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 _REGISTRY: dict[str, type["SelectionMethod"]] = {}
@@ -129,6 +130,15 @@ def get_method_class(name: str) -> type[SelectionMethod]:
     except (KeyError, TypeError):
         known = ", ".join(sorted(_REGISTRY))
         raise ValueError(f"unknown method {name!r}; known methods: {known}") from None
+
+
+def method_options(method_class: type[SelectionMethod]) -> dict[str, object]:
+    """The options a method's constructor takes after the hidden size, each with its default
+    (``inspect.Parameter.empty`` where it has none)."""
+    import inspect
+
+    parameters = list(inspect.signature(method_class.__init__).parameters.values())[2:]
+    return {parameter.name: parameter.default for parameter in parameters}
 
 
 def list_methods() -> dict[str, str]:
