@@ -520,6 +520,10 @@ def export_reference(model, processor: VQAProcessor, directory: str | Path, *, t
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     half = copy.deepcopy(model).to(torch.float16)
+    for sub_config in (half.config.text_config, half.config.vision_config):
+        # A model loaded with an explicit dtype records it in each sub-config; the weights saved are float16.
+        if getattr(sub_config, "dtype", None) is not None:
+            sub_config.dtype = torch.float16
     half.save_pretrained(directory)
     processor.tokenizer.save(directory / "vocab.json")
     if training is not None:
