@@ -229,6 +229,28 @@ def test_token_losses_read_a_decoder_layer_and_reject_others():
         train_reference(config, print_fn=lambda _: None, progress=False)
 
 
+def test_token_losses_compute_only_the_losses_asked_for():
+    import torch
+
+    from visionselector.data.reference_model import TokenLosses, token_sides
+
+    torch.manual_seed(0)
+    image_id, width = 7, 8
+    grid = torch.tensor([[1, 4, 4]])  # 2 x 2 merged tokens
+    input_ids = torch.tensor([[1, image_id, image_id, image_id, image_id, 3]])
+    hidden = (torch.randn(1, 6, width), torch.randn(1, 6, width))
+    batch = {"input_ids": input_ids, "image_grid_thw": grid}
+    losses = TokenLosses(width, image_id, layer=1)
+    shapes = torch.tensor([[0, 1, 2, 0]])
+    assert set(losses(hidden, batch)) == {"side"}
+    assert set(losses(hidden, batch, shapes, sides=False)) == {"shape"}
+    both = losses(hidden, batch, shapes)
+    visual = hidden[1][0, 1:5]
+    expected = torch.nn.functional.cross_entropy(losses.side(visual), token_sides(grid))
+    assert torch.allclose(both["side"][0], expected)
+    assert torch.allclose(both["shape"][0], torch.nn.functional.cross_entropy(losses.shape(visual), shapes[0]))
+
+
 def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
     import torch
 

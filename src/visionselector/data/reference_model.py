@@ -298,7 +298,7 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
             if any(weights.values()):
                 shapes = (samples.shapes[samples.indices(index, config.batch_size, seed=config.seed)]
                           if weights["shape"] else None)
-                token_results = token_losses(output.hidden_states, batch, shapes)
+                token_results = token_losses(output.hidden_states, batch, shapes, sides=bool(weights["side"]))
             for name, (token_loss, _) in token_results.items():
                 loss = loss + weights[name] * token_loss
         _optimizer_step(optimizer, scheduler, text_parameters, loss)
@@ -371,14 +371,18 @@ class TokenLosses(torch.nn.Module):
         self.shape = torch.nn.Linear(width, 1 + len(SHAPES) * len(COLOURS))
         self.image_token_id, self.layer = image_token_id, layer
 
-    def forward(self, hidden_states: tuple, batch: dict, shapes: torch.Tensor | None = None) -> dict:
+    def forward(self, hidden_states: tuple, batch: dict, shapes: torch.Tensor | None = None, *,
+                sides: bool = True) -> dict:
         """hidden_states: the model's (embeddings, layer 1, ...), each (B, L, D); shapes (B, tokens)
-        -> {"side" | "shape": (cross-entropy, accuracy on the tokens that carry the label)}."""
+        -> {"side" | "shape": (cross-entropy, accuracy on the tokens that carry the label)}: the side
+        loss if ``sides``, the shape loss if ``shapes`` is given."""
         visual = hidden_states[self.layer][batch["input_ids"] == self.image_token_id].float()
-        sides = token_sides(batch["image_grid_thw"]).to(visual.device)
-        logits = self.side(visual)
-        result = {"side": (torch.nn.functional.cross_entropy(logits, sides),
-                           float((logits.argmax(-1) == sides).float().mean()))}
+        result = {}
+        if sides:
+            targets = token_sides(batch["image_grid_thw"]).to(visual.device)
+            logits = self.side(visual)
+            result["side"] = (torch.nn.functional.cross_entropy(logits, targets),
+                              float((logits.argmax(-1) == targets).float().mean()))
         if shapes is not None:
             classes = shapes.reshape(-1).to(visual.device)
             logits = self.shape(visual)
