@@ -19,23 +19,8 @@ from collections import Counter
 
 import torch
 
-from visionselector.data.digits_vqa import COLOURS, QUESTION_TYPES, SHAPES, _digits, make_sample
-from visionselector.data.reference_model import SCENES_FIRST, load_reference_model
-
-
-def answers(model, processor, split: str, indices, digits, batch_size: int = 16):
-    """Greedy answers to samples ``indices`` of ``split``: yields (sample, layout, answer)."""
-    images, targets = digits
-    with torch.no_grad():
-        for start in range(0, len(indices), batch_size):
-            layouts = [[] for _ in indices[start:start + batch_size]]
-            samples = [make_sample(split, i, images, targets, layout=layout)
-                       for i, layout in zip(indices[start:start + batch_size], layouts)]
-            batch = processor([s[0] for s in samples], [s[1] for s in samples])
-            out = model.generate(**batch, max_new_tokens=2, do_sample=False, eos_token_id=processor.tokenizer.eos_id,
-                                 pad_token_id=processor.tokenizer.pad_id)
-            for sample, layout, row in zip(samples, layouts, out[:, batch["input_ids"].shape[1]:]):
-                yield sample, layout, processor.tokenizer.decode(row)
+from visionselector.data.digits_vqa import COLOURS, QUESTION_TYPES, SHAPES, _digits
+from visionselector.data.reference_model import SCENES_FIRST, evaluate_accuracy, greedy_answers, load_reference_model
 
 
 def percent(hits: int, total: int) -> str:
@@ -51,7 +36,6 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_reference_model(args.model)
-    model.eval()
     digits = _digits()
 
     print("| scenes | " + " | ".join(QUESTION_TYPES) + " | all |")
@@ -59,21 +43,17 @@ def main() -> None:
     splits = (("trained on (train split from %d)" % SCENES_FIRST, "train", SCENES_FIRST),
               ("unseen, train split (from 500,000)", "train", 500_000), ("test split", "test", 0))
     for name, split, first in splits:
-        hits = Counter()
-        totals = Counter()
-        for sample, _, answer in answers(model, processor, split, list(range(first, first + args.samples)), digits):
-            hits[sample[3]] += answer == sample[2]
-            totals[sample[3]] += 1
-        cells = [f"{100 * hits[t] / totals[t]:.0f}" for t in QUESTION_TYPES]
-        print(f"| {name} | " + " | ".join(cells) + f" | {100 * sum(hits.values()) / sum(totals.values()):.1f} |",
-              flush=True)
+        accuracy = evaluate_accuracy(model, processor, split, args.samples, first=first, digits=digits)
+        print(f"| {name} | " + " | ".join(f"{100 * accuracy[t]:.0f}" for t in QUESTION_TYPES)
+              + f" | {100 * accuracy['all']:.1f} |", flush=True)
 
     def of_type(kind: str) -> list[int]:  # make_sample cycles through the types by index
         offset = QUESTION_TYPES.index(kind)
         return [offset + len(QUESTION_TYPES) * n for n in range(args.samples)]
 
     wrong_elsewhere, wrong, by_box, by_colour, found_colours = 0, 0, Counter(), Counter(), Counter()
-    for (image, question, truth, _), layout, answer in answers(model, processor, "test", of_type("shape"), digits):
+    for (_, question, truth, _), layout, answer in greedy_answers(model, processor, "test", of_type("shape"),
+                                                                  digits=digits):
         colour = question.split()[4]  # "what shape is the <colour> object ?"
         shapes = [a["shape"] for *_, a in layout if "shape" in a]
         boxed = any(a.get("box") == colour for *_, a in layout)
@@ -88,7 +68,8 @@ def main() -> None:
           "name the shape of another object in the scene\n")
     print("| a box of the asked colour | accuracy (samples) |\n| --- | ---: |")
     for boxed in (False, True):
-        print(f"| {'yes' if boxed else 'no'} | {percent(by_box[boxed, True], by_box[boxed, True] + by_box[boxed, False])} |")
+        hits = by_box[boxed, True]
+        print(f"| {'yes' if boxed else 'no'} | {percent(hits, hits + by_box[boxed, False])} |")
 
     print("\n| asked colour | accuracy (samples) | colours of the objects whose shape a wrong answer named |\n"
           "| --- | ---: | --- |")
@@ -98,7 +79,8 @@ def main() -> None:
               f"| {named} |")
 
     groups = Counter()
-    for (image, question, truth, _), layout, answer in answers(model, processor, "test", of_type("presence"), digits):
+    for (_, question, truth, _), layout, answer in greedy_answers(model, processor, "test", of_type("presence"),
+                                                                  digits=digits):
         colour, shape = question.split()[3:5]  # "is there a <colour> <shape> ?"
         assert shape in SHAPES, question
         objects = [a for *_, a in layout if "shape" in a]

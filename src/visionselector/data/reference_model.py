@@ -24,7 +24,7 @@ from ..training import _cosine_with_warmup
 from .processor import VQAProcessor, WordTokenizer
 from .vqa import encoder_outputs
 
-__all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy"]
+__all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy", "greedy_answers"]
 
 
 @dataclass
@@ -131,24 +131,37 @@ def build_reference_model(config: ReferenceConfig, tokenizer: WordTokenizer, pro
     return Qwen2_5_VLForConditionalGeneration(model_config)
 
 
-def evaluate_accuracy(model, processor: VQAProcessor, split: str, count: int, *, batch_size: int = 16,
-                      digits=None) -> dict[str, float]:
-    """Exact-match accuracy of greedy answers on the first ``count`` samples of ``split``, overall and per type."""
+def greedy_answers(model, processor: VQAProcessor, split: str, indices, *, batch_size: int = 16, digits=None):
+    """Greedy answers (at most two tokens) to samples ``indices`` of ``split``, in order: yields
+    ``(sample, layout, answer)`` with ``sample`` as :func:`make_sample` returns it and ``layout`` its objects."""
     images, targets = digits if digits is not None else _digits()
-    correct = {kind: [0, 0] for kind in QUESTION_TYPES}
+    indices = list(indices)
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        for start in range(0, count, batch_size):
-            samples = [make_sample(split, i, images, targets) for i in range(start, min(count, start + batch_size))]
-            batch = processor([s[0] for s in samples], [s[1] for s in samples])
-            out = model.generate(**batch, max_new_tokens=2, do_sample=False,
-                                 eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
-            for sample, row in zip(samples, out[:, batch["input_ids"].shape[1]:]):
-                answer = processor.tokenizer.decode(row)
-                correct[sample[3]][0] += int(answer == sample[2])
-                correct[sample[3]][1] += 1
-    model.train(was_training)
+    try:
+        with torch.no_grad():
+            for start in range(0, len(indices), batch_size):
+                layouts = [[] for _ in indices[start:start + batch_size]]
+                samples = [make_sample(split, i, images, targets, layout=layout)
+                           for i, layout in zip(indices[start:start + batch_size], layouts)]
+                batch = processor([s[0] for s in samples], [s[1] for s in samples])
+                out = model.generate(**batch, max_new_tokens=2, do_sample=False,
+                                     eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
+                for sample, layout, row in zip(samples, layouts, out[:, batch["input_ids"].shape[1]:]):
+                    yield sample, layout, processor.tokenizer.decode(row)
+    finally:
+        model.train(was_training)
+
+
+def evaluate_accuracy(model, processor: VQAProcessor, split: str, count: int, *, first: int = 0,
+                      batch_size: int = 16, digits=None) -> dict[str, float]:
+    """Exact-match accuracy of greedy answers on samples ``first`` to ``first + count - 1`` of ``split``,
+    overall and per type."""
+    correct = {kind: [0, 0] for kind in QUESTION_TYPES}
+    for sample, _, answer in greedy_answers(model, processor, split, range(first, first + count),
+                                            batch_size=batch_size, digits=digits):
+        correct[sample[3]][0] += int(answer == sample[2])
+        correct[sample[3]][1] += 1
     result = {kind: hits / total for kind, (hits, total) in correct.items() if total}
     result["all"] = sum(h for h, _ in correct.values()) / max(1, sum(t for _, t in correct.values()))
     return result
