@@ -16,7 +16,7 @@ import torch
 
 import visionselector as vs
 from visionselector.api import get_state
-from visionselector.data.digits_vqa import _digits, make_sample, object_tokens
+from visionselector.data.digits_vqa import digit_images, make_sample, object_tokens
 from visionselector.data.reference_model import load_reference_model
 from visionselector.eval.quality import normalise_answer
 from visionselector.methods.base import Selection
@@ -53,7 +53,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_reference_model()
-    images, targets = _digits()
+    images, targets = digit_images()
     scene = {}
     for covering in (False, True):
         vs.attach(model, method="visionselector", retention=args.retention, selector=args.selector)

@@ -19,7 +19,7 @@ from collections import Counter
 
 import torch
 
-from visionselector.data.digits_vqa import COLOURS, QUESTION_TYPES, SHAPES, _digits
+from visionselector.data.digits_vqa import COLOURS, QUESTION_TYPES, SHAPES, digit_images
 from visionselector.data.reference_model import SCENES_FIRST, evaluate_accuracy, greedy_answers, load_reference_model
 
 
@@ -36,7 +36,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     model, processor = load_reference_model(args.model)
-    digits = _digits()
+    digits = digit_images()
 
     print("| scenes | " + " | ".join(QUESTION_TYPES) + " | all |")
     print("| --- |" + " ---: |" * (len(QUESTION_TYPES) + 1))

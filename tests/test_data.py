@@ -7,7 +7,7 @@ pytest.importorskip("PIL")
 
 from visionselector.data import read_conversations  # noqa: E402
 from visionselector.data.digits_vqa import (  # noqa: E402
-    QUESTION_TYPES, SPLITS, _digits, _scene_for, make_sample, vocabulary, write_split,
+    QUESTION_TYPES, SPLITS, digit_images, _scene_for, make_sample, vocabulary, write_split,
 )
 
 
@@ -22,7 +22,7 @@ def test_samples_are_deterministic_and_sized_for_256_tokens():
 def test_answers_are_unique_by_construction():
     import random
 
-    images, targets = _digits()
+    images, targets = digit_images()
     for seed in range(300):
         rng = random.Random(seed)
         kind = QUESTION_TYPES[seed % len(QUESTION_TYPES)]
@@ -50,7 +50,7 @@ def test_answers_are_unique_by_construction():
 def test_scenes_can_always_be_built():
     import random
 
-    _, targets = _digits()
+    _, targets = digit_images()
     for seed in range(20000):  # includes scenes where the asked half of the canvas starts full
         kind = QUESTION_TYPES[seed % len(QUESTION_TYPES)]
         scene, _, _ = _scene_for(random.Random(seed), kind, range(0, 1300), targets)
@@ -211,7 +211,7 @@ def test_shape_classes_join_shape_and_colour_into_one_class():
     assert list(COLOURS)[5] == "orange" and SHAPES[2] == "triangle"
     layout: list = []
     make_sample("train", 5, layout=layout)
-    full = token_labels(layout, _digits()[1])
+    full = token_labels(layout, digit_images()[1])
     classes = shape_classes(full)
     on_shapes = full[:, 2] > 0
     assert torch.equal(classes > 0, on_shapes)
@@ -296,7 +296,7 @@ def test_token_labels_mark_exactly_the_tokens_an_object_covers():
 
 
 def test_object_tokens_and_asked_objects_on_known_layouts():
-    from visionselector.data.digits_vqa import _digits, asked_objects, make_sample, object_tokens, token_labels
+    from visionselector.data.digits_vqa import digit_images, asked_objects, make_sample, object_tokens, token_labels
 
     layout = [
         (28, 0, 92, 64, {"digit": 0, "box": "green"}),
@@ -316,7 +316,7 @@ def test_object_tokens_and_asked_objects_on_known_layouts():
     with pytest.raises(ValueError, match="unknown question type 'size'; known: read_digit"):
         asked_objects("how big ?", "size", layout)
 
-    images, targets = _digits()
+    images, targets = digit_images()
     for index in range(12):  # on generated samples: the union is what token_labels marks; one asked object
         layout = []
         _, question, answer, kind = make_sample("test", index, images, targets, layout=layout)
@@ -329,7 +329,7 @@ def test_object_tokens_and_asked_objects_on_known_layouts():
 
 def test_object_coverage_counts_what_the_kept_tokens_cover():
     import visionselector as vs
-    from visionselector.data.digits_vqa import _digits, asked_objects, make_sample, object_tokens
+    from visionselector.data.digits_vqa import digit_images, asked_objects, make_sample, object_tokens
     from visionselector.data.processor import VQAProcessor, WordTokenizer
     from visionselector.data.reference_model import ReferenceConfig, build_reference_model
     from visionselector.eval.coverage import kept_object_coverage
@@ -341,7 +341,7 @@ def test_object_coverage_counts_what_the_kept_tokens_cover():
     result = kept_object_coverage(model, processor, method="uniform", retention=0.25, samples=6)
     # uniform keeps the centre of every 2 x 2 block: tokens (2i + 1, 2j + 1), whatever the image
     kept = {r * 16 + c for r in range(1, 16, 2) for c in range(1, 16, 2)}
-    images, targets = _digits()
+    images, targets = digit_images()
     seen = objects = asked_seen = asked_count = on_objects = asked_kept = asked_tokens = 0
     for index in range(6):
         layout = []
@@ -368,7 +368,7 @@ def test_object_coverage_counts_what_the_kept_tokens_cover():
 
 
 def test_layout_capture_does_not_change_the_sample():
-    images, targets = _digits()
+    images, targets = digit_images()
     layout = []
     with_layout = make_sample("test", 5, images, targets, layout=layout)
     plain = make_sample("test", 5, images, targets)
@@ -392,7 +392,7 @@ def test_fast_pixel_path_equals_the_image_processor():
 def test_dense_pretraining_scenes_are_crowded_deterministic_and_use_training_digits_only():
     from visionselector.data.digits_vqa import make_dense_scene
 
-    images, targets = _digits()
+    images, targets = digit_images()
     for index in range(20):
         layout = []
         image = make_dense_scene(index, images, targets, layout=layout)
@@ -407,7 +407,7 @@ def test_scene_questions_agree_with_the_generated_question_and_are_unique():
 
     from visionselector.data.digits_vqa import scene_questions
 
-    images, targets = _digits()
+    images, targets = digit_images()
     kinds = set()
     for index in range(120):
         layout = []
@@ -443,7 +443,7 @@ def test_quarters_hold_whole_objects_in_their_own_coordinates_and_the_same_pixel
 
     from visionselector.data.digits_vqa import crop_quarter, scene_questions, token_labels
 
-    images, targets = _digits()
+    images, targets = digit_images()
     for index in range(40):
         layout = []
         image = make_sample("train", index, images, targets, layout=layout)[0]

@@ -12,6 +12,9 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "attach": "api",
+    "attached": "api",
+    "load_model": "models",
+    "load_processor": "models",
     "detach": "api",
     "is_attached": "api",
     "get_scorer": "api",

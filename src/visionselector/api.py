@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 
 from .adapters import AttachedState, find_adapter
 from .adapters.base import MODES, restore_forwards
-from .checkpoint import read_selector, write_selector
+from .checkpoint import write_selector
 from .methods import get_method_class
 from .methods.base import method_options
 from .ops.topk import validate_retention
+from .selector_sources import load_selector
 
 __all__ = [
     "attach",
+    "attached",
     "detach",
     "is_attached",
     "get_scorer",
@@ -40,8 +43,11 @@ def attach(model, method: str = "visionselector", retention: float = 0.2, select
         method: a registered method name (see :func:`visionselector.list_methods`).
         retention: fraction of each sample's visual tokens kept, in (0, 1]; the budget is
             ``max(1, floor(retention * N))`` over all images and frames of the sample.
-        selector: directory written by :func:`save_selector` for a trained method, or
-            ``None`` for a freshly initialised one (to train).
+        selector: a trained scorer: a folder written by :func:`save_selector`, a
+            VisionSelector release (Qwen2.5-VL checkpoint folder), an AngelSlim scorer
+            folder, or the hub id of any of these (see
+            :func:`visionselector.selector_sources.load_selector`); or ``None`` for a
+            freshly initialised one (to train).
         mode: ``"hard"`` drops tokens from the sequence; ``"soft"`` keeps them scaled by
             the differentiable mask (training); ``"auto"`` is soft while the method is in
             training mode (``model.train()``) and hard otherwise.
@@ -64,7 +70,7 @@ def attach(model, method: str = "visionselector", retention: float = 0.2, select
     training_retention = None
     state_dict = None
     if selector is not None:
-        config, state_dict = read_selector(selector)
+        config, state_dict = load_selector(selector)
         if config["method"] != method:
             raise ValueError(f"selector at {selector} was saved for method {config['method']!r}, not {method!r}")
         saved_width = config.get("hidden_size")
@@ -177,3 +183,14 @@ def last_selection(model) -> list[torch.Tensor]:
     if record is None:
         raise RuntimeError("no forward with visual inputs has run since the selection method was attached")
     return [indices.clone() for indices in record.kept]
+
+
+@contextlib.contextmanager
+def attached(model, method: str = "visionselector", retention: float = 0.2, selector=None, **options):
+    """``with attached(model, ...):`` attach on entry (same arguments as :func:`attach`) and detach on
+    exit, also when the block raises; yields ``model``."""
+    attach(model, method, retention, selector, **options)
+    try:
+        yield model
+    finally:
+        detach(model)

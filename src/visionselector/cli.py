@@ -1,4 +1,4 @@
-"""Command line: ``visionselector demo | train | eval | show | methods | train-reference | bench | speed``."""
+"""Command line: ``visionselector demo | train | eval | show | methods | train-reference | bench | convert``."""
 
 from __future__ import annotations
 
@@ -9,6 +9,10 @@ import sys
 
 def _add_dataclass_arguments(parser: argparse.ArgumentParser, cls) -> None:
     for field in dataclasses.fields(cls):
+        if field.metadata.get("positional"):
+            # a required operand given in order without a flag (``convert SOURCE OUT``); strings only
+            parser.add_argument(field.name, metavar=field.name.upper(), help=field.metadata.get("help", ""))
+            continue
         default = field.default
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata.get("help", "") + f" (default: {default})"
@@ -35,10 +39,13 @@ def _optional(kind):
 
 def _commands():
     """name -> (help, config class, runner), imported lazily so ``--help`` stays fast."""
-    from .demo import DemoConfig, run_demo
+    from .commands.demo import DemoConfig, run_demo
+    from .commands.evaluate import EvalConfig, run_eval
+    from .commands.show import ShowConfig, run_show
+    from .commands.train import TrainConfig, run_train
+    from .commands.train_reference import ReferenceRunConfig, run_train_reference
     from .eval.bench import BenchConfig, run_bench
-    from .eval.speed import SpeedConfig, run_speed
-    from .pipeline import EvalConfig, ShowConfig, TrainConfig, run_eval, run_show, run_train
+    from .selector_sources import ConvertConfig, run_convert
 
     return {
         "demo": ("the reference benchmark end to end: train a selector, evaluate every method, draw selections",
@@ -47,10 +54,11 @@ def _commands():
         "eval": ("accuracy, tokens kept and prefill time of methods x retentions; table, JSON and plot",
                  EvalConfig, run_eval),
         "show": ("draw the visual tokens a method keeps on an image (PNG)", ShowConfig, run_show),
-        "train-reference": ("train the DigitsVQA reference model from scratch", _reference_run_config(),
-                            _run_train_reference),
+        "train-reference": ("train the DigitsVQA reference model from scratch", ReferenceRunConfig,
+                            run_train_reference),
         "bench": ("prefill speed, latency, memory and FLOPs per method and retention", BenchConfig, run_bench),
-        "speed": ("attach a method to a random Qwen2.5-VL, generate, and time prefill", SpeedConfig, run_speed),
+        "convert": ("write a selector (ours, a VisionSelector release or an AngelSlim scorer; folder or hub id) "
+                    "in visionselector's format", ConvertConfig, run_convert),
     }
 
 
@@ -82,7 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_common(values)
         runner(config_class(**values))
-    except (ValueError, FileNotFoundError, TypeError) as error:
+    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0
@@ -105,46 +113,6 @@ def _check_common(values: dict) -> None:
         for retention in values[name] if isinstance(values[name], tuple) else (values[name],):
             if not 0 < retention <= 1:
                 raise ValueError(f"{name.replace('_', '-')} must be in (0, 1], got {retention}")
-
-
-def _reference_run_config():
-    from .data.reference_model import ReferenceConfig
-
-    @dataclasses.dataclass
-    class ReferenceRunConfig(ReferenceConfig):
-        """Settings of ``visionselector train-reference``: the model's, and where the result goes."""
-
-        out: str = dataclasses.field(default="reference-model", metadata={"help": "output directory"})
-        test_samples: int = dataclasses.field(default=600, metadata={"help": "test examples for the final accuracy"})
-        threads: int | None = dataclasses.field(default=None, metadata={"help": "torch CPU threads"})
-
-    return ReferenceRunConfig
-
-
-def _run_train_reference(config) -> None:
-    """Train the reference model as ``config`` (a ``ReferenceRunConfig``) says; save, test and record it."""
-    import json
-    import time
-    from pathlib import Path
-
-    import torch
-
-    from .data.reference_model import ReferenceConfig, evaluate_accuracy, export_reference, train_reference
-
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    started = time.time()
-    reference = ReferenceConfig(**{f.name: getattr(config, f.name) for f in dataclasses.fields(ReferenceConfig)})
-    model, processor, log = train_reference(reference, Path(config.out) / "checkpoints",
-                                            print_fn=lambda line: print(line, flush=True))
-    seconds = time.time() - started
-    test = evaluate_accuracy(model, processor, "test", config.test_samples)
-    print(json.dumps({"test": test}))
-    export_reference(model, processor, config.out, training={
-        "command": "visionselector " + " ".join(sys.argv[1:]), "config": dataclasses.asdict(reference),
-        "threads": torch.get_num_threads(), "training_seconds": round(seconds, 1),
-        "test_accuracy": test, "test_samples": config.test_samples, "log": log})
-    print(f"wrote {config.out} ({seconds / 60:.1f} min of training; test accuracy {100 * test['all']:.1f}%)")
 
 
 if __name__ == "__main__":

@@ -154,8 +154,16 @@ def synthetic_batch(config, samples: list[SampleSpec], *, padding_side: str = "l
     patch_dim = vision.in_channels * vision.temporal_patch_size * vision.patch_size ** 2
     generator = torch.Generator().manual_seed(seed)
 
+    # Text ids from the model's own vocabulary, never one it treats as special.
+    special = {getattr(config, name, None) for name in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                         "vision_end_token_id")}
+    special |= {getattr(config.text_config, name, None) for name in ("pad_token_id", "bos_token_id", "eos_token_id")}
+    vocabulary = config.text_config.vocab_size
+    words = torch.tensor([i for i in range(FIRST_TEXT_ID, min(IMAGE_ID, vocabulary)) if i not in special]
+                         or [i for i in range(vocabulary) if i not in special])
+
     def text(count):
-        return torch.randint(FIRST_TEXT_ID, IMAGE_ID, (count,), generator=generator).tolist()
+        return words[torch.randint(len(words), (count,), generator=generator)].tolist()
 
     rows, images, image_grids, videos, video_grids = [], [], [], [], []
     for sample in samples:

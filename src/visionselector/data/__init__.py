@@ -1,4 +1,4 @@
-"""Data: LLaVA / Cambrian conversation JSONL, and the DigitsVQA reference task."""
+"""Data: LLaVA / Cambrian conversation JSONL through the checkpoint's processor and chat template."""
 
 from .conversations import ConversationRecord, read_conversations
 

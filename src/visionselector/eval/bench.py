@@ -35,7 +35,8 @@ class BenchConfig:
     """Settings of ``visionselector bench``."""
 
     model: str = field(default="qwen2.5-vl-7b", metadata={
-        "help": "architecture preset (qwen2.5-vl-3b, qwen2.5-vl-7b: real widths, random weights) or a local checkpoint"})
+        "help": "architecture preset (qwen2.5-vl-3b, qwen2.5-vl-7b: real widths, random weights), 'reference', a checkpoint "
+                "folder or a hub id"})
     text_layers: int | None = field(default=None, metadata={"help": "keep only the first N decoder layers (presets)"})
     vision_layers: int | None = field(default=None, metadata={"help": "keep only the first N vision blocks (presets)"})
     methods: tuple[str, ...] = field(default=("visionselector",), metadata={"help": "methods to time"})
@@ -100,14 +101,15 @@ def build_model(config: BenchConfig, device, dtype):
         description = (f"{config.model} widths with random weights, {model_config.text_config.num_hidden_layers} of "
                        f"{full} decoder layers and {model_config.vision_config.depth} of 32 vision blocks")
     else:
-        path = Path(config.model)
-        if not path.is_dir():
+        from ..models import load_model
+
+        try:
+            model, _ = load_model(config.model, dtype=dtype, device=device, attn_implementation=config.attn)
+        except FileNotFoundError as error:
             known = ", ".join(sorted(ARCHITECTURES))
-            raise ValueError(f"model must be an architecture preset ({known}) or a checkpoint folder; "
-                             f"{config.model!r} is neither")
-        model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=dtype,
-                                                                   attn_implementation=config.attn).to(device)
-        description = f"checkpoint {path}"
+            raise ValueError(f"model must be an architecture preset ({known}), 'reference', a checkpoint folder or "
+                             f"a hub id: {error}") from None
+        description = f"checkpoint {config.model}"
     return model.eval(), description
 
 

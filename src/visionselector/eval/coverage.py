@@ -40,7 +40,7 @@ def kept_object_coverage(model, processor, *, method: str, retention: float, sam
     """
     import visionselector as vs
 
-    from ..data.digits_vqa import _digits, asked_objects, make_sample, object_tokens
+    from ..data.digits_vqa import digit_images, asked_objects, make_sample, object_tokens
     from ..ops.topk import validate_retention
 
     validate_retention(retention)
@@ -50,7 +50,7 @@ def kept_object_coverage(model, processor, *, method: str, retention: float, sam
         raise ValueError(f"samples must be at least 1, got {samples}")
     if vs.is_attached(model):
         raise RuntimeError("detach the selection method first; kept_object_coverage attaches it itself")
-    images, targets = _digits()
+    images, targets = digit_images()
     attach_options = dict(options or {})
     if method == "visionselector":
         if selector is None:

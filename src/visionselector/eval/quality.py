@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import json
 import math
-import string
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["QualityRecord", "normalise_answer", "parse_method_options", "evaluate_methods", "write_results",
-           "format_table", "plot_results"]
+__all__ = ["QualityRecord", "parse_method_options", "evaluate_methods", "write_results", "format_table",
+           "plot_results", "references"]
 
 DEFAULT_RETENTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
@@ -29,13 +28,14 @@ class QualityRecord:
 
     method: str = field(metadata={"help": "selection method"})
     retention: float = field(metadata={"help": "fraction of visual tokens kept"})
-    accuracy: float = field(metadata={"help": "exact-match accuracy, 0 to 1"})
+    accuracy: float = field(metadata={"help": "mean score of the metric, 0 to 1"})
     tokens_kept: float = field(metadata={"help": "mean visual tokens the language model keeps per sample"})
     visual_tokens: float = field(metadata={"help": "mean visual tokens per sample before selection"})
     prefill_ms: float = field(metadata={"help": "mean prefill time per sample (selection and language model)"})
     samples: int = field(metadata={"help": "examples evaluated"})
     by_type: dict = field(default_factory=dict, metadata={"help": "accuracy per question type, if known"})
     options: dict = field(default_factory=dict, metadata={"help": "options the method ran with, beyond its defaults"})
+    metric: str = field(default="exact", metadata={"help": "answer metric: exact, contains or anls"})
 
 
 def parse_method_options(items, methods) -> dict[str, dict]:
@@ -73,11 +73,6 @@ def _option_value(text: str):
     return text
 
 
-def normalise_answer(text: str) -> str:
-    """Lower case, outer whitespace and trailing punctuation removed: ``" Yes."`` -> ``"yes"``."""
-    return text.strip().lower().rstrip(string.punctuation + " ").strip()
-
-
 class _PrefillTimer:
     """Times the first forward of each ``generate`` call (the prefill) with module hooks."""
 
@@ -107,77 +102,112 @@ def _needs_pixels(method: str) -> bool:
     return "encoder_attention" in get_method_class(method).needs
 
 
-def _run(model, processor, examples, batches, *, max_new_tokens: int, attached: bool, progress_bar=None):
+def references(example) -> list[str]:
+    """The accepted answers of an example: its ``answers`` field if given, else its last assistant turn."""
+    answers = example.extra.get("answers")
+    if isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers):
+        return answers
+    return [example.answer]
+
+
+def _run(model, processor, examples, batches, *, generation: dict, metric: str, attached: bool,
+         progress_bar=None) -> dict:
+    """Greedy answers of every example in ``batches``: predictions, scores, tokens kept and prefill seconds."""
     import visionselector as vs
 
-    tokenizer = processor.tokenizer
+    from ..data.encoding import placeholder_ids
+    from .metrics import score
+
     device = model.get_input_embeddings().weight.device
-    hits, kept, visual, seconds = [], [], [], 0.0
+    placeholders = torch.tensor(placeholder_ids(processor))
+    result = {"predictions": [None] * len(examples), "scores": [None] * len(examples), "kept": [], "visual": [],
+              "seconds": 0.0}
     timer = _PrefillTimer(model)
     try:
         with torch.no_grad():
             for indices, batch in batches.epoch():
                 inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
                 timer.arm()
-                output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False,
-                                        eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
-                seconds += timer.seconds
-                counts = (batch["input_ids"] == tokenizer.image_id).sum(1).tolist()
-                visual.extend(counts)
-                kept.extend([len(k) for k in vs.last_selection(model)] if attached else counts)
-                for index, row in zip(indices, output[:, batch["input_ids"].shape[1]:]):
-                    hits.append(normalise_answer(tokenizer.decode(row)) == normalise_answer(examples[index].answer))
+                output = model.generate(**inputs, **generation)
+                result["seconds"] += timer.seconds
+                counts = torch.isin(batch["input_ids"], placeholders).sum(1).tolist()
+                result["visual"].extend(counts)
+                result["kept"].extend([len(k) for k in vs.last_selection(model)] if attached else counts)
+                texts = processor.tokenizer.batch_decode(output[:, batch["input_ids"].shape[1]:],
+                                                         skip_special_tokens=True)
+                for index, text in zip(indices, texts):
+                    result["predictions"][index] = text.strip()
+                    result["scores"][index] = score(metric, text, references(examples[index]))
                 if progress_bar is not None:
                     progress_bar.update(len(indices))
     finally:
         timer.remove()
-    return hits, kept, visual, seconds
+    return result
 
 
-def _record(method, retention, examples, hits, kept, visual, seconds, options=None) -> QualityRecord:
-    by_type: dict[str, list[bool]] = {}
-    for example, hit in zip(examples, hits):
-        if example.kind is not None:
-            by_type.setdefault(example.kind, []).append(hit)
+def _record(method, retention, examples, run: dict, metric: str, options=None) -> QualityRecord:
+    scores = run["scores"]
+    by_type: dict[str, list[float]] = {}
+    for example, value in zip(examples, scores):
+        kind = example.extra.get("type")
+        if isinstance(kind, str):
+            by_type.setdefault(kind, []).append(value)
     return QualityRecord(
-        method=method, retention=retention, accuracy=sum(hits) / len(hits), tokens_kept=sum(kept) / len(kept),
-        visual_tokens=sum(visual) / len(visual), prefill_ms=1000 * seconds / len(hits), samples=len(hits),
+        method=method, retention=retention, accuracy=sum(scores) / len(scores),
+        tokens_kept=sum(run["kept"]) / len(run["kept"]), visual_tokens=sum(run["visual"]) / len(run["visual"]),
+        prefill_ms=1000 * run["seconds"] / len(scores), samples=len(scores),
         by_type={kind: sum(v) / len(v) for kind, v in sorted(by_type.items())}, options=dict(options or {}),
+        metric=metric,
     )
+
+
+def _predictions(method, retention, examples, run: dict) -> list[dict]:
+    return [{"id": e.id, "method": method, "retention": retention, "prediction": p, "answer": e.answer,
+             "correct": s} for e, p, s in zip(examples, run["predictions"], run["scores"])]
 
 
 def evaluate_methods(model, processor, examples, *, methods: list[str], retentions=DEFAULT_RETENTIONS,
                      selector: str | Path | None = None, cache=None, batch_size: int = 32,
-                     max_new_tokens: int | None = None, progress: bool = True, print_fn=None,
-                     method_options: dict[str, dict] | None = None) -> list[QualityRecord]:
+                     max_new_tokens: int | None = None, metric: str = "exact", progress: bool = True,
+                     print_fn=None, method_options: dict[str, dict] | None = None,
+                     predictions: list | None = None) -> list[QualityRecord]:
     """Evaluate every method at every retention; returns one :class:`QualityRecord` per pair.
 
     Args:
         model: a supported model, without a method attached.
-        processor: builds its inputs (:class:`~visionselector.data.processor.VQAProcessor`).
-        examples: :class:`~visionselector.data.vqa.VQAExample` list.
+        processor: the checkpoint's processor; prompts come from its chat template.
+        examples: :class:`~visionselector.data.ConversationRecord` list; each is asked its
+            conversation up to the last assistant turn, whose text is the reference answer
+            (or the record's ``answers`` list).
         methods: registered method names; ``visionselector`` needs ``selector``.
         retentions: values in (0, 1].
-        selector: a directory written by ``save_selector`` (for ``visionselector``).
-        cache: a :class:`~visionselector.data.vqa.FeatureCache` of ``examples``; methods
+        selector: a trained selector (see :func:`visionselector.attach`), for ``visionselector``.
+        cache: a :class:`~visionselector.data.batches.FeatureCache` of ``examples``; methods
             that read the encoder's attention run from pixels regardless.
         max_new_tokens: answer length limit (default: the longest reference answer in
             tokens, plus one).
+        metric: ``exact``, ``contains`` or ``anls`` (:mod:`visionselector.eval.metrics`).
         print_fn: called with each finished record's one-line summary.
         method_options: per method, options for its constructor (``{"dart": {"layer": 0}}``);
             they are recorded in each of its records.
+        predictions: if given, a list that receives one dict per example, method and retention
+            (``id``, ``method``, ``retention``, ``prediction``, ``answer``, ``correct``).
     """
     import visionselector as vs
     from tqdm.auto import tqdm
 
-    from ..data.vqa import ExampleBatches
+    from ..data.batches import ExampleBatches
     from ..methods import list_methods
+    from ..models import greedy_settings
     from ..ops.topk import validate_retention
+    from .metrics import METRICS
 
     known = list_methods()
     unknown = [m for m in methods if m not in known]
     if unknown:
         raise ValueError(f"unknown method(s) {', '.join(map(repr, unknown))}; known methods: {', '.join(known)}")
+    if metric not in METRICS:
+        raise ValueError(f"unknown metric {metric!r}; metrics: {', '.join(METRICS)}")
     retentions = sorted({validate_retention(r) for r in retentions})
     method_options = dict(method_options or {})
     stray = [m for m in method_options if m not in methods]
@@ -189,17 +219,23 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
     if vs.is_attached(model):
         raise RuntimeError("detach the selection method first; the harness attaches each method itself")
     if max_new_tokens is None:
-        max_new_tokens = 1 + max(len(processor.tokenizer.encode(e.answer)) for e in examples)
+        max_new_tokens = 1 + max(len(processor.tokenizer(answer, add_special_tokens=False)["input_ids"])
+                                 for e in examples for answer in references(e))
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
+    generation = greedy_settings(model, processor, max_new_tokens)
     model.eval()
     pruned = [r for r in retentions if r < 1]
     total = len(examples) * (len(methods) * len(pruned) + (1.0 in retentions))
     bar = tqdm(total=total, desc="evaluating", unit="answer", disable=not progress)
     records = []
+    collected = predictions if predictions is not None else []
 
-    def finish(record):
+    def finish(record, run):
         records.append(record)
+        collected.extend(_predictions(record.method, record.retention, examples, run))
         if print_fn is not None:
-            print_fn(f"{record.method:>15} r={record.retention:<5g} accuracy {100 * record.accuracy:5.1f}%  "
+            print_fn(f"{record.method:>15} r={record.retention:<5g} {metric} {100 * record.accuracy:5.1f}%  "
                      f"tokens {record.tokens_kept:6.1f}  prefill {record.prefill_ms:7.2f} ms/sample")
 
     try:
@@ -207,28 +243,25 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
         full = None
         if 1.0 in retentions:
             bar.set_postfix(method="(all tokens)")
-            full = _run(model, processor, examples, cached, max_new_tokens=max_new_tokens, attached=False,
+            full = _run(model, processor, examples, cached, generation=generation, metric=metric, attached=False,
                         progress_bar=bar)
         for method in methods:
             chosen = dict(method_options.get(method, {}))
             options = {**chosen, **({"selector": selector} if method == "visionselector" else {})}
-            vs.attach(model, method=method, retention=pruned[0] if pruned else 1.0, **options)
-            model.eval()
             batches = cached
             if cache is not None and _needs_pixels(method):
                 batches = ExampleBatches(examples, processor, batch_size=batch_size, cache=cache, pixels=True)
-            try:
+            with vs.attached(model, method=method, retention=pruned[0] if pruned else 1.0, **options):
+                model.eval()
                 for retention in retentions:
                     if retention == 1.0:
-                        finish(_record(method, 1.0, examples, *full, chosen))
+                        finish(_record(method, 1.0, examples, full, metric, chosen), full)
                         continue
                     vs.set_retention(model, retention)
                     bar.set_postfix(method=method, retention=retention)
-                    result = _run(model, processor, examples, batches, max_new_tokens=max_new_tokens,
-                                  attached=True, progress_bar=bar)
-                    finish(_record(method, retention, examples, *result, chosen))
-            finally:
-                vs.detach(model)
+                    run = _run(model, processor, examples, batches, generation=generation, metric=metric,
+                               attached=True, progress_bar=bar)
+                    finish(_record(method, retention, examples, run, metric, chosen), run)
     finally:
         bar.close()
     return records
@@ -279,8 +312,10 @@ def plot_results(records: list[QualityRecord], path: str | Path, title: str = "a
     return path
 
 
-def write_results(records: list[QualityRecord], directory: str | Path, *, meta: dict | None = None) -> dict[str, Path]:
-    """Write ``results.json`` (a list of records), ``results.md`` (tables) and ``accuracy.png``."""
+def write_results(records: list[QualityRecord], directory: str | Path, *, meta: dict | None = None,
+                  predictions: list[dict] | None = None) -> dict[str, Path]:
+    """Write ``results.json`` (a list of records), ``results.md`` (tables), ``accuracy.png`` and,
+    given ``predictions``, ``predictions.jsonl`` (one line per example, method and retention)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     rows = [asdict(r) for r in records]
@@ -295,4 +330,7 @@ def write_results(records: list[QualityRecord], directory: str | Path, *, meta: 
         text += ["# Run", "", "```json", json.dumps(meta, indent=1), "```", ""]
     paths["table"].write_text("\n".join(text))
     plot_results(records, paths["plot"])
+    if predictions is not None:
+        paths["predictions"] = directory / "predictions.jsonl"
+        paths["predictions"].write_text("".join(json.dumps(p) + "\n" for p in predictions))
     return paths

@@ -93,7 +93,7 @@ def freeze_for_selector_training(model) -> list[str]:
     return names
 
 
-def _cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
+def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
     def factor(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / max(1, warmup_steps)
@@ -141,7 +141,7 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
     freeze_for_selector_training(model)
     parameters = [p for p in state.method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
-    scheduler = _cosine_with_warmup(optimizer, int(round(config.warmup_ratio * steps)), steps)
+    scheduler = cosine_with_warmup(optimizer, int(round(config.warmup_ratio * steps)), steps)
     schedule = CurriculumSchedule(config.lambda_start, config.lambda_end, steps)
     device = model.get_input_embeddings().weight.device
 

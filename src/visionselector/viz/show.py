@@ -51,32 +51,38 @@ def overlay_kept_tokens(image, kept: torch.Tensor, grid: tuple[int, int], *, cap
     return result
 
 
-def show_selection(model, processor, image, question: str, *, method: str, retention: float,
-                   selector: str | Path | None = None, answer: str | None = None):
-    """Run ``method`` at ``retention`` on one image and question; return the overlay picture.
+def show_selection(model, processor, image, messages: list[dict], *, method: str, retention: float,
+                   selector=None, answer: str | None = None, max_new_tokens: int = 16):
+    """Run ``method`` at ``retention`` on one image and its chat ``messages`` (the prompt, with one
+    image item); return the overlay picture.
 
     The caption names the method, the retention, the tokens kept, the question and the
-    model's answer (and the reference ``answer``, if given).
+    model's greedy answer (and the reference ``answer``, if given).
     """
     import visionselector as vs
 
+    from ..data.encoding import collate, encode_conversation
+    from ..models import greedy_settings
+
+    sample = encode_conversation(processor, messages, images=[image], generation_prompt=True)
     tokenizer = processor.tokenizer
-    batch = processor([image], [question])
+    batch = collate([sample], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    batch.pop("labels")
     grid = batch["image_grid_thw"][0]
     merge = int(model.config.vision_config.spatial_merge_size)
     shape = (int(grid[1]) // merge, int(grid[2]) // merge)
     options = {"selector": selector} if selector is not None else {}
-    vs.attach(model, method=method, retention=retention, **options)
-    try:
+    device = model.get_input_embeddings().weight.device
+    with vs.attached(model, method=method, retention=retention, **options):
         model.eval()
-        device = model.get_input_embeddings().weight.device
         with torch.no_grad():
-            output = model.generate(**{k: v.to(device) for k, v in batch.items()}, max_new_tokens=4,
-                                    do_sample=False, eos_token_id=tokenizer.eos_id, pad_token_id=tokenizer.pad_id)
+            output = model.generate(**{k: v.to(device) for k, v in batch.items()},
+                                    **greedy_settings(model, processor, max_new_tokens))
         kept = vs.last_selection(model)[0]
-    finally:
-        vs.detach(model)
-    said = tokenizer.decode(output[0, batch["input_ids"].shape[1]:])
+    said = tokenizer.decode(output[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    question = " ".join(item["text"] for message in messages if message["role"] == "user"
+                        for item in (message["content"] if isinstance(message["content"], list)
+                                     else [{"type": "text", "text": message["content"]}]) if item["type"] == "text")
     caption = (f"{method} at retention {retention:g}: {len(kept)} of {shape[0] * shape[1]} tokens\n"
                f"Q: {question}   A: {said}" + (f"   (reference: {answer})" if answer is not None else ""))
     # The processor may resize within its pixel budget; token cells map proportionally onto the image.

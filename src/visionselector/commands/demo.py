@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .common import check_output_folder, set_threads
+
 __all__ = ["DemoConfig", "run_demo"]
 
 # The reference model trained on train-split samples below this index; the selector's
@@ -42,7 +44,7 @@ class DemoConfig:
     show_methods: tuple[str, ...] = field(default=("visionselector", "visionzip", "divprune", "uniform"),
                                           metadata={"help": "methods drawn"})
     show_retention: float = field(default=0.1, metadata={"help": "retention of the drawings"})
-    model: str = field(default="reference", metadata={"help": "'reference' or a reference model directory"})
+    model: str = field(default="reference", metadata={"help": "'reference' or a reference checkpoint folder"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads (default: torch's choice)"})
     seed: int = field(default=0, metadata={"help": "seed of the selector's weights and data order"})
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
@@ -50,14 +52,16 @@ class DemoConfig:
 
 def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     """Run the whole benchmark; returns the result records and the paths written."""
-    from .data.digits_vqa import write_split
-    from .pipeline import EvalConfig, ShowConfig, TrainConfig, load_model, run_eval, run_show, run_train
+    from ..models import load_model
+    from ..reference.task import write_split
+    from .evaluate import EvalConfig, run_eval
+    from .show import ShowConfig, run_show
+    from .train import TrainConfig, run_train
 
     config = config or DemoConfig()
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    set_threads(config.threads)
     started = time.time()
-    out = Path(config.out)
+    out = check_output_folder(config.out)
     data = out / "data"
     model, processor = load_model(config.model)
     parameters = sum(p.numel() for p in model.parameters())
@@ -95,6 +99,7 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     seconds = time.time() - started
     summary = _targets(evaluated["records"])
     (out / "demo.json").write_text(json.dumps({"config": asdict(config), "seconds": round(seconds, 1),
+                                               "threads": torch.get_num_threads(),
                                                "selector_training_seconds": round(trained["seconds"], 1),
                                                "targets": summary}, indent=1) + "\n")
     print_fn("")
@@ -103,6 +108,7 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     print_fn("")
     print_fn(f"done in {seconds / 60:.1f} min. In {out}:")
     print_fn("  results.md      the tables above       results.json  one record per method and retention")
+    print_fn("  predictions.jsonl  every answer, per example, method and retention")
     print_fn(f"  accuracy.png    accuracy vs retention  show/         kept tokens of {len(pictures)} runs")
     print_fn("  selector/       the trained selector   data/         the examples used")
     return {"records": evaluated["records"], "paths": evaluated["paths"], "pictures": pictures,

@@ -1,7 +1,7 @@
 """Training the small Qwen2.5-VL reference model on DigitsVQA from scratch.
 
 The model is the real ``Qwen2_5_VLForConditionalGeneration`` class at small widths,
-with the task's word-level tokenizer. Samples are generated on the fly from their
+with the task's word-level tokenizer (:mod:`.model`). Samples are generated on the fly from their
 split and index (the generator is deterministic), so training needs no files.
 """
 
@@ -16,15 +16,17 @@ from pathlib import Path
 
 import torch
 
-from .digits_vqa import (
-    COLOURS, LABEL_HEADS, QUESTION_TYPES, SHAPES, _digits, crop_quarter, make_dense_scene, make_sample, scene_questions,
-    token_labels, vocabulary,
+from ..data.batches import encoder_outputs
+from ..data.encoding import collate, encode_conversation
+from ..training import cosine_with_warmup
+from .model import reference_tokenizer, write_processor_files
+from .task import (
+    COLOURS, LABEL_HEADS, QUESTION_TYPES, SHAPES, crop_quarter, digit_images, make_dense_scene, make_sample,
+    scene_questions, token_labels,
 )
-from ..training import _cosine_with_warmup
-from .processor import VQAProcessor, WordTokenizer
-from .vqa import encoder_outputs
 
-__all__ = ["ReferenceConfig", "build_reference_model", "train_reference", "evaluate_accuracy", "greedy_answers"]
+__all__ = ["ReferenceConfig", "build_reference_model", "reference_processor", "fast_pixels", "train_reference",
+           "evaluate_accuracy", "greedy_answers", "question_messages"]
 
 
 @dataclass
@@ -99,7 +101,32 @@ class ReferenceConfig:
 SCENES_FIRST, QUARTER_SCENES_FIRST = 200_000, 300_000
 
 
-def build_reference_model(config: ReferenceConfig, tokenizer: WordTokenizer, processor: VQAProcessor):
+@functools.lru_cache(maxsize=None)
+def reference_processor():
+    """The reference model's processor (the checkpoint's tokenizer, chat template and image processor)."""
+    import tempfile
+
+    from ..models import load_processor
+
+    with tempfile.TemporaryDirectory() as folder:
+        write_processor_files(folder)
+        (Path(folder) / "config.json").write_text(json.dumps({"model_type": "qwen2_5_vl"}))
+        return load_processor(folder)
+
+
+def question_messages(turns: list[tuple[str, str]], *, answered: bool = True) -> list[dict]:
+    """Chat messages about one image: ``turns`` of ``(question, answer)``, the image before the first
+    question; ``answered=False`` leaves out the answers (a prompt for the first question only)."""
+    messages = []
+    for index, (question, answer) in enumerate(turns):
+        content = ([{"type": "image"}] if index == 0 else []) + [{"type": "text", "text": question}]
+        messages.append({"role": "user", "content": content})
+        if answered:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    return messages
+
+
+def build_reference_model(config: ReferenceConfig):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
     from ..presets import qwen2_5_vl_config
@@ -116,25 +143,28 @@ def build_reference_model(config: ReferenceConfig, tokenizer: WordTokenizer, pro
                              f"got {tuple(config.mrope_section)}")
         overrides["rope_parameters"] = {"rope_type": "default", "rope_theta": config.rope_theta,
                                         "mrope_section": [int(n) for n in config.mrope_section]}
+    tokenizer = reference_tokenizer()
     model_config = qwen2_5_vl_config(
         hidden_size=config.hidden_size, text_layers=config.text_layers, heads=heads, kv_heads=config.text_kv_heads,
         intermediate_size=3 * config.hidden_size, vocab_size=len(tokenizer), vision_depth=config.vision_depth,
         vision_hidden=config.vision_hidden, vision_heads=max(1, config.vision_hidden // 32), patch_size=14,
         window_size=112, rope_theta=config.rope_theta, **overrides,
     )
-    for name, value in processor.model_token_ids().items():
-        setattr(model_config, name, value)
+    for name in ("image", "video", "vision_start", "vision_end"):
+        setattr(model_config, f"{name}_token_id", tokenizer.convert_tokens_to_ids(f"<{name}>"))
     for sub_config in (model_config, model_config.text_config):
         sub_config.pad_token_id, sub_config.bos_token_id, sub_config.eos_token_id = (
-            tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+            tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id)
     torch.manual_seed(config.seed)
     return Qwen2_5_VLForConditionalGeneration(model_config)
 
 
-def greedy_answers(model, processor: VQAProcessor, split: str, indices, *, batch_size: int = 16, digits=None):
+def greedy_answers(model, processor, split: str, indices, *, batch_size: int = 16, digits=None):
     """Greedy answers (at most two tokens) to samples ``indices`` of ``split``, in order: yields
     ``(sample, layout, answer)`` with ``sample`` as :func:`make_sample` returns it and ``layout`` its objects."""
-    images, targets = digits if digits is not None else _digits()
+    from ..models import greedy_settings
+
+    images, targets = digits if digits is not None else digit_images()
     indices = list(indices)
     was_training = model.training
     model.eval()
@@ -144,16 +174,20 @@ def greedy_answers(model, processor: VQAProcessor, split: str, indices, *, batch
                 layouts = [[] for _ in indices[start:start + batch_size]]
                 samples = [make_sample(split, i, images, targets, layout=layout)
                            for i, layout in zip(indices[start:start + batch_size], layouts)]
-                batch = processor([s[0] for s in samples], [s[1] for s in samples])
-                out = model.generate(**batch, max_new_tokens=2, do_sample=False,
-                                     eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
-                for sample, layout, row in zip(samples, layouts, out[:, batch["input_ids"].shape[1]:]):
-                    yield sample, layout, processor.tokenizer.decode(row)
+                batch = collate([encode_conversation(processor, question_messages([s[1:3]], answered=False),
+                                                     images=[s[0]], generation_prompt=True) for s in samples],
+                                processor.tokenizer.pad_token_id)
+                batch.pop("labels")
+                out = model.generate(**batch, **greedy_settings(model, processor, 2))
+                answers = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
+                                                           skip_special_tokens=True)
+                for sample, layout, answer in zip(samples, layouts, answers):
+                    yield sample, layout, answer.strip()
     finally:
         model.train(was_training)
 
 
-def evaluate_accuracy(model, processor: VQAProcessor, split: str, count: int, *, first: int = 0,
+def evaluate_accuracy(model, processor, split: str, count: int, *, first: int = 0,
                       batch_size: int = 16, digits=None) -> dict[str, float]:
     """Exact-match accuracy of greedy answers on samples ``first`` to ``first + count - 1`` of ``split``,
     overall and per type."""
@@ -203,9 +237,42 @@ def _visual_tokens(model, batch) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
-def _processor_for(size: int) -> VQAProcessor:
-    """A processor that encodes ``size`` x ``size`` images at their own resolution."""
-    return VQAProcessor(WordTokenizer(vocabulary()), image_pixels=size * size)
+def _image_processor(size: int):
+    """An image processor that encodes ``size`` x ``size`` images at their own resolution."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    return Qwen2VLImageProcessorPil(min_pixels=size * size, max_pixels=size * size)
+
+
+def fast_pixels(image_processor, images: list) -> dict[str, torch.Tensor]:
+    """``pixel_values`` and ``image_grid_thw`` for ``images``, exactly as ``image_processor`` makes
+    them when it keeps their size. Same-size uint8 RGB images whose sides are multiples of 28 and
+    whose area is the processor's pixel budget take a path that only normalises and lays out the
+    patches, about twice as fast; others go through the image processor.
+    """
+    import numpy as np
+
+    ip = image_processor
+    unit = ip.patch_size * ip.merge_size
+    arrays = [np.asarray(image) for image in images]
+    shapes = {a.shape for a in arrays}
+    shape = next(iter(shapes))
+    budget = ip.size.get("shortest_edge") if isinstance(ip.size, dict) else None
+    if (len(shapes) != 1 or len(shape) != 3 or shape[2] != 3 or arrays[0].dtype != np.uint8 or shape[0] % unit
+            or shape[1] % unit or shape[0] * shape[1] != budget or budget != ip.size.get("longest_edge")):
+        return image_processor(images=images, return_tensors="pt")
+    height, width = shape[:2]
+    pixels = torch.from_numpy(np.stack(arrays)).float().div_(255)
+    pixels = (pixels - torch.tensor(ip.image_mean)) / torch.tensor(ip.image_std)
+    count, p, m, t = len(arrays), ip.patch_size, ip.merge_size, ip.temporal_patch_size
+    rows, columns = height // p, width // p
+    # (B, C, rows/m, m, p, columns/m, m, p) -> merge blocks in raster order, each 2 x 2 patches
+    # of (C, temporal, p, p) values, the image repeated over the temporal patch.
+    patches = pixels.permute(0, 3, 1, 2).reshape(count, 3, rows // m, m, p, columns // m, m, p)
+    patches = patches.permute(0, 2, 5, 3, 6, 1, 4, 7).unsqueeze(6)
+    patches = patches.expand(count, rows // m, columns // m, m, m, 3, t, p, p)
+    grid = torch.tensor([[1, rows, columns]] * count)
+    return {"pixel_values": patches.reshape(count * rows * columns, 3 * t * p * p), "image_grid_thw": grid}
 
 
 def _labelled_tokens(model, split: str, indices, digits) -> tuple[torch.Tensor, torch.Tensor]:
@@ -228,7 +295,7 @@ def _labelled_tokens(model, split: str, indices, digits) -> tuple[torch.Tensor, 
             images.append(image)
             labels.append(token_labels(layout, digits[1], size=size))
         if images:
-            tokens.append(_visual_tokens(model, _processor_for(size).pixels(images)))
+            tokens.append(_visual_tokens(model, fast_pixels(_image_processor(size), images)))
     return torch.cat(tokens), torch.cat(labels)
 
 
@@ -248,10 +315,9 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     if not 1 <= config.token_loss_layer <= config.text_layers:
         raise ValueError(f"token_loss_layer must be a decoder layer, 1 to {config.text_layers}, "
                          f"got {config.token_loss_layer}")
-    tokenizer = WordTokenizer(vocabulary())
-    processor = VQAProcessor(tokenizer)
-    model = build_reference_model(config, tokenizer, processor)
-    digits = _digits()
+    processor = reference_processor()
+    model = build_reference_model(config)
+    digits = digit_images()
     log, started = [], time.time()
     model.train()
     vision_steps = config.vision_steps
@@ -266,7 +332,7 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
     heads = TokenLabelHeads(config.hidden_size)
     vision_parameters = list(model.model.visual.parameters()) + list(heads.parameters())
     optimizer = torch.optim.AdamW(vision_parameters, lr=config.vision_learning_rate, weight_decay=0.01)
-    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, vision_steps)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, vision_steps)
     bar = tqdm(range(vision_steps), desc="reference stage 1 (visual tokens)", disable=not progress)
     for step in bar:
         first = config.first_dense_scene + step * config.batch_size
@@ -298,7 +364,7 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
         text_parameters += list(token_losses.parameters())
     optimizer = torch.optim.AdamW(text_parameters, lr=config.learning_rate, weight_decay=0.01)
     total = len(schedule)
-    scheduler = _cosine_with_warmup(optimizer, config.warmup_steps, total)
+    scheduler = cosine_with_warmup(optimizer, config.warmup_steps, total)
     bar = tqdm(range(total), desc="reference stage 2 (answers)", disable=not progress)
     for step in bar:
         kind, index = schedule[step]
@@ -327,12 +393,12 @@ def train_reference(config: ReferenceConfig, output_dir: str | Path | None = Non
                                                     digits=digits)
             print_fn(json.dumps(entry))
             if output_dir is not None and not last:  # a usable model at every evaluation
-                _save(model, tokenizer, Path(output_dir) / "latest", config, log + [entry], started)
+                _save(model, Path(output_dir) / "latest", config, log + [entry], started)
         log.append(entry)
     model.requires_grad_(True)
     model.eval()
     if output_dir is not None:
-        _save(model, tokenizer, Path(output_dir), config, log, started)
+        _save(model, Path(output_dir), config, log, started)
     return model, processor, log
 
 
@@ -410,7 +476,7 @@ class EncodedSamples:
     (N, tokens, D) in float16, each image's grid, its questions (the first is asked first) and,
     optionally, ``shapes`` (N, tokens): the :func:`shape_classes` of its tokens."""
 
-    def __init__(self, processor: VQAProcessor, features: torch.Tensor, grid: list[int],
+    def __init__(self, processor, features: torch.Tensor, grid: list[int],
                  questions: list[list[tuple[str, str]]], shapes: torch.Tensor | None = None) -> None:
         self.processor, self.features, self.grid, self.questions = processor, features, grid, questions
         self.shapes = shapes
@@ -440,14 +506,15 @@ class EncodedSamples:
         rng = random.Random(seed * 1_000_003 + 7919 * step)
         turns = [self.questions[i][0:1] + rng.sample(self.questions[i][1:], min(follow_ups, len(self.questions[i]) - 1))
                  for i in indices]
-        batch = self.processor([None] * len(indices), [t[0][0] for t in turns], [t[0][1] for t in turns],
-                               padding_side="right", image_grids=torch.tensor([self.grid] * len(indices)),
-                               follow_ups=[t[1:] for t in turns])
+        tokens = self.features.shape[1]
+        batch = collate([encode_conversation(self.processor, question_messages(t), visual_counts=[tokens])
+                         for t in turns], self.processor.tokenizer.pad_token_id, padding_side="right")
+        batch["image_grid_thw"] = torch.tensor([self.grid] * len(indices))
         batch["mm_encoder_outputs"] = encoder_outputs([self.features[i].float() for i in indices])
         return batch
 
 
-def _encoded_samples(model, processor: VQAProcessor, digits, count: int, *, quarters: bool,
+def _encoded_samples(model, processor, digits, count: int, *, quarters: bool,
                      progress: bool) -> EncodedSamples:
     """Stage 2's training samples: ``count`` whole training scenes, each with its own question
     first and every other uniquely answerable question about it, or (``quarters``) the four
@@ -477,7 +544,7 @@ def _encoded_samples(model, processor: VQAProcessor, digits, count: int, *, quar
                 pictures.append(picture)
                 shapes.append(shape_classes(token_labels(inside, targets, size=224)))
                 questions.append(found)
-        pixels = _processor_for(224 if quarters else 448).pixels(pictures)
+        pixels = fast_pixels(_image_processor(224 if quarters else 448), pictures)
         with torch.no_grad():
             tokens = _visual_tokens(model, pixels)
         features.append(tokens.reshape(len(pictures), -1, tokens.shape[-1]).half())
@@ -499,50 +566,8 @@ def _load_weights(model, directory, *, whole: bool) -> None:
         raise ValueError(f"{directory} holds a model of other widths: {error}") from None
 
 
-def _save(model, tokenizer, directory: Path, config: ReferenceConfig, log: list, started: float) -> None:
+def _save(model, directory: Path, config: ReferenceConfig, log: list, started: float) -> None:
     model.save_pretrained(directory)
-    tokenizer.save(directory / "vocab.json")
+    write_processor_files(directory)
     (directory / "training.json").write_text(json.dumps(
         {"config": asdict(config), "seconds": round(time.time() - started, 1), "log": log}, indent=1))
-
-
-REFERENCE_DIR = Path(__file__).resolve().parent.parent / "reference"
-
-
-def load_reference_model(directory: str | Path | None = None, *, dtype: torch.dtype = torch.float32):
-    """The reference model and its processor: the shipped one, or one written by :func:`train_reference`.
-
-    The shipped weights are stored in float16 to keep the repository small; they are
-    loaded as ``dtype`` (float32 by default: CPUs have no fast float16 kernels).
-    """
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
-    directory = Path(directory) if directory is not None else REFERENCE_DIR
-    for name in ("config.json", "vocab.json"):
-        if not (directory / name).is_file():
-            raise FileNotFoundError(f"{directory} is not a reference model directory: {name} is missing "
-                                    "(train_reference / 'visionselector train-reference' writes one)")
-    tokenizer = WordTokenizer.load(directory / "vocab.json")
-    model = Qwen2_5_VLForConditionalGeneration.from_pretrained(directory, dtype=dtype)
-    if model.config.text_config.vocab_size != len(tokenizer):
-        raise ValueError(f"{directory}: the model's vocabulary has {model.config.text_config.vocab_size} entries, "
-                         f"vocab.json {len(tokenizer)}")
-    return model.eval(), VQAProcessor(tokenizer)
-
-
-def export_reference(model, processor: VQAProcessor, directory: str | Path, *, training: dict | None = None) -> Path:
-    """Save ``model`` as a compact (float16) reference checkpoint with its vocabulary."""
-    import copy
-
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    half = copy.deepcopy(model).to(torch.float16)
-    for sub_config in (half.config.text_config, half.config.vision_config):
-        # A model loaded with an explicit dtype records it in each sub-config; the weights saved are float16.
-        if getattr(sub_config, "dtype", None) is not None:
-            sub_config.dtype = torch.float16
-    half.save_pretrained(directory)
-    processor.tokenizer.save(directory / "vocab.json")
-    if training is not None:
-        (directory / "training.json").write_text(json.dumps(training, indent=1) + "\n")
-    return directory

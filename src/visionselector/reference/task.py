@@ -56,7 +56,7 @@ class Scene:
     shapes: list
 
 
-def _digits():
+def digit_images():
     from sklearn.datasets import load_digits
 
     data = load_digits()
@@ -190,7 +190,7 @@ def make_sample(split: str, index: int, images=None, targets=None, *, layout: li
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; splits: {', '.join(SPLITS)}")
     if images is None:
-        images, targets = _digits()
+        images, targets = digit_images()
     offset, pool = SPLITS[split]
     rng = random.Random(offset + index)
     kind = QUESTION_TYPES[index % len(QUESTION_TYPES)]
@@ -206,7 +206,7 @@ def make_dense_scene(index: int, images=None, targets=None, *, layout: list | No
     an encoder learns to read digits from fewer images.
     """
     if images is None:
-        images, targets = _digits()
+        images, targets = digit_images()
     rng = random.Random(3_000_000 + index)
     pool = SPLITS["train"][1]
     n_digits = rng.randint(6, 12)
@@ -361,7 +361,7 @@ def write_split(directory: str | Path, split: str, count: int, *, first: int = 0
     ``{name}.jsonl`` (``name`` defaults to the split)."""
     directory = Path(directory)
     (directory / "images" / split).mkdir(parents=True, exist_ok=True)
-    images, targets = _digits()
+    images, targets = digit_images()
     if count < 1 or first < 0:
         raise ValueError(f"count must be at least 1 and first non-negative, got count={count}, first={first}")
     path = directory / f"{name or split}.jsonl"

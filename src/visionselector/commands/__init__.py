@@ -1,0 +1,1 @@
+"""The commands of ``visionselector``, one module each with its settings dataclass and runner."""

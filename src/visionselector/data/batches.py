@@ -1,0 +1,235 @@
+"""Conversation examples in batches for a model, and cached visual features.
+
+A selector trains on a frozen model, and it sits after the vision encoder, so the
+encoder's output for an image never changes during training or evaluation.
+:class:`FeatureCache` computes it once per image (and can keep it on disk); batches
+then carry ``mm_encoder_outputs`` instead of pixels and the model runs only its language
+part. Methods that need the encoder's own attention (VisionZip) still need pixels:
+:class:`ExampleBatches` gives them pixels when asked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from .conversations import ConversationRecord, read_conversations
+from .encoding import collate, encode_conversation
+
+__all__ = ["load_examples", "load_image", "FeatureCache", "ExampleBatches", "encoder_outputs"]
+
+
+def encoder_outputs(features: list[torch.Tensor]) -> dict:
+    """The ``mm_encoder_outputs`` model argument for already-encoded images: one ``(tokens, D)``
+    tensor per image, in the batch's order, standing in for the vision encoder's output."""
+    from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+
+
+def load_image(path: Path, where: str = ""):
+    """An RGB ``PIL.Image``; unreadable files raise ``ValueError`` naming the file (and record)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{where + ': ' if where else ''}cannot read image {path}: {error}") from None
+
+
+def load_examples(path: str | Path, limit: int | None = None, *, image_folder: str | Path | None = None
+                  ) -> list[ConversationRecord]:
+    """The first ``limit`` (all if ``None``) records of a conversation JSONL file."""
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be at least 1, got {limit}")
+    records = read_conversations(path, image_folder=image_folder)[:limit]
+    if not records:
+        raise ValueError(f"{path} holds no examples")
+    return records
+
+
+def _encoder_fingerprint(model) -> str:
+    """A short digest of the vision encoder's weights: cached features are only valid for them."""
+    digest = hashlib.sha256()
+    for name, tensor in model.model.visual.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().flatten()[:: max(1, tensor.numel() // 4096)].numpy().tobytes())
+        digest.update(str(tuple(tensor.shape)).encode())
+    return digest.hexdigest()[:16]
+
+
+def _file_digest(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+
+
+class FeatureCache:
+    """The frozen vision encoder's output for every image of a list of examples.
+
+    ``features[i]`` holds example ``i``'s images as ``[tokens, D]`` tensors and ``grids[i]``
+    their ``image_grid_thw`` rows. Examples with videos are not cached (:meth:`covers`).
+
+    Args:
+        model: a supported model; only its vision encoder runs.
+        processor: the checkpoint's processor (its image processor makes the pixels).
+        examples: what to encode.
+        directory: if given, the features are saved there and reused when the same encoder
+            weights and image contents come again (they are recomputed otherwise).
+        batch_size: images per encoder call.
+        progress: show a progress bar.
+    """
+
+    def __init__(self, model, processor, examples: list[ConversationRecord], *,
+                 directory: str | Path | None = None, batch_size: int = 32, progress: bool = True) -> None:
+        self.examples = examples
+        key = hashlib.sha256(json.dumps([_encoder_fingerprint(model), type(processor.image_processor).__name__,
+                                         processor.image_processor.to_json_string()] + [
+            [_file_digest(image) for image in e.images] for e in examples
+        ]).encode()).hexdigest()[:20]
+        path = None if directory is None else Path(directory) / f"features-{key}.pt"
+        if path is not None and path.is_file():
+            try:
+                saved = torch.load(path, weights_only=True)
+                if saved["key"] == key and len(saved["features"]) == len(examples):
+                    self.features, self.grids = saved["features"], saved["grids"]
+                    return
+            except Exception:  # a truncated or foreign file: recompute and overwrite it
+                pass
+        self.features, self.grids = self._encode(model, processor, batch_size, progress)
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            temporary = path.with_suffix(".tmp")
+            torch.save({"key": key, "features": self.features, "grids": self.grids}, temporary)
+            temporary.replace(path)
+
+    def _encode(self, model, processor, batch_size: int, progress: bool):
+        from tqdm.auto import tqdm
+
+        visual = model.model.visual
+        device = next(visual.parameters()).device
+        jobs = [(i, image) for i, e in enumerate(self.examples) if not e.videos for image in e.images]
+        features = [[] for _ in self.examples]
+        grids = [[] for _ in self.examples]
+        was_training = visual.training
+        visual.eval()
+        with torch.no_grad():
+            for start in tqdm(range(0, len(jobs), batch_size), desc="encoding images", unit="batch",
+                              disable=not progress):
+                chunk = jobs[start:start + batch_size]
+                images = [load_image(path, self.examples[i].where) for i, path in chunk]
+                pixels = processor.image_processor(images=images, return_tensors="pt")
+                grid = pixels["image_grid_thw"].to(device)
+                output = model.model.get_image_features(pixels["pixel_values"].to(device, visual.dtype), grid,
+                                                        return_dict=True)
+                for (i, _), tensor, row in zip(chunk, output.pooler_output, grid.cpu()):
+                    features[i].append(tensor.detach().clone())
+                    grids[i].append(row)
+        visual.train(was_training)
+        return features, [torch.stack(g) if g else torch.zeros(0, 3, dtype=torch.long) for g in grids]
+
+    def covers(self, index: int) -> bool:
+        """Whether example ``index``'s visual input is cached (all its images, and no video)."""
+        example = self.examples[index]
+        return not example.videos and len(self.features[index]) == len(example.images)
+
+    def __len__(self) -> int:
+        return len(self.features)
+
+
+class ExampleBatches:
+    """Model inputs for examples, in batches, in order or shuffled per epoch by a seed.
+
+    Prompts come from the checkpoint's chat template (:func:`encode_conversation`); rows are
+    left-padded. With ``cache``, examples whose images are cached carry ``mm_encoder_outputs``
+    instead of pixels; with ``pixels=True`` every batch carries pixels. ``with_answers``
+    keeps the whole conversation with labels on its assistant turns (training); otherwise
+    the prompt ends with the generation prompt before the last answer (evaluation).
+    Iterating from ``start`` skips the first batches without building them, which is how a
+    resumed run continues where it stopped.
+    """
+
+    def __init__(self, examples: list[ConversationRecord], processor, *, batch_size: int,
+                 cache: FeatureCache | None = None, with_answers: bool = False, shuffle_seed: int | None = None,
+                 pixels: bool = False) -> None:
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if cache is not None and cache.examples is not examples and len(cache) != len(examples):
+            raise ValueError(f"the feature cache holds {len(cache)} examples, the batches {len(examples)}")
+        self.examples, self.processor, self.batch_size = examples, processor, batch_size
+        self.cache, self.with_answers, self.shuffle_seed, self.pixels = cache, with_answers, shuffle_seed, pixels
+        tokenizer = processor.tokenizer
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.start = 0
+        self._encoded: dict[int, dict] = {}  # cached examples' token rows: the same on every visit
+        from ..models import supports_video
+
+        if any(e.videos for e in examples) and not supports_video():
+            first = next(e for e in examples if e.videos)
+            raise ValueError(f"{first.where}: this sample holds a video, and video needs torchvision, which is not "
+                             "installed (pip install torchvision matching your torch build); images work without it")
+
+    def batches_per_epoch(self) -> int:
+        return -(-len(self.examples) // self.batch_size)
+
+    def order(self, epoch: int) -> list[int]:
+        indices = list(range(len(self.examples)))
+        if self.shuffle_seed is not None:
+            random.Random(self.shuffle_seed * 1_000_003 + epoch).shuffle(indices)
+        return indices
+
+    def skip(self, count: int) -> None:
+        """Start the next iteration ``count`` batches later (across epochs)."""
+        self.start = count
+
+    def indices(self, step: int) -> list[int]:
+        """Example indices of the ``step``-th batch (0-based; epochs follow each other)."""
+        epoch, within = divmod(step, self.batches_per_epoch())
+        return self.order(epoch)[within * self.batch_size:(within + 1) * self.batch_size]
+
+    def _messages(self, example: ConversationRecord) -> list[dict]:
+        return example.messages() if self.with_answers else example.prompt_messages()
+
+    def _sample(self, index: int, cached: bool) -> dict:
+        example = self.examples[index]
+        if cached:
+            if index not in self._encoded:
+                counts = [len(f) for f in self.cache.features[index]]
+                self._encoded[index] = encode_conversation(self.processor, self._messages(example),
+                                                           visual_counts=counts,
+                                                           generation_prompt=not self.with_answers)
+            return self._encoded[index]
+        images = [load_image(path, example.where) for path in example.images]
+        videos = [str(path) for path in example.videos]
+        return encode_conversation(self.processor, self._messages(example), images=images, videos=videos,
+                                   generation_prompt=not self.with_answers)
+
+    def batch(self, indices: list[int]) -> dict:
+        cached = self.cache is not None and not self.pixels and all(self.cache.covers(i) for i in indices)
+        batch = collate([self._sample(i, cached) for i in indices], self.pad_id)
+        if not self.with_answers:
+            batch.pop("labels")
+        if cached:
+            batch["image_grid_thw"] = torch.cat([self.cache.grids[i] for i in indices])
+            features = [f for i in indices for f in self.cache.features[i]]
+            if features:
+                batch["mm_encoder_outputs"] = encoder_outputs(features)
+            else:
+                batch.pop("image_grid_thw")
+        return batch
+
+    def __iter__(self):
+        step, self.start = self.start, 0
+        while True:
+            yield self.batch(self.indices(step))
+            step += 1
+
+    def epoch(self):
+        """One pass in order (evaluation): ``(example indices, batch)`` pairs."""
+        order = self.order(0)
+        for first in range(0, len(order), self.batch_size):
+            indices = order[first:first + self.batch_size]
+            yield indices, self.batch(indices)
