@@ -5,7 +5,6 @@ import pytest
 import torch
 
 import visionselector as vs
-from visionselector.eval.speed import SpeedConfig, run_speed
 from visionselector.presets import SampleSpec, synthetic_batch
 
 from conftest import make_model, randomise_scorer
@@ -75,15 +74,6 @@ def test_bfloat16_model_prunes_and_generates():
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
     assert [len(s) for s in vs.last_selection(model)] == [4, 2]
     assert ids.shape == (2, batch["input_ids"].shape[1] + 3)
-
-
-def test_demo_runs_and_reports_an_exact_no_op():
-    lines = []
-    result = run_speed(SpeedConfig(image_size=112, text_layers=1, hidden_size=64, repeats=1, new_tokens=2,
-                                 retentions=(1.0, 0.2)), print_fn=lines.append)
-    assert result["no_op"] is True
-    assert [row["kept"] for row in result["rows"]] == [[16, 8], [3, 1]]
-    assert any("speed-up" in line for line in lines)
 
 
 def test_cli_lists_methods():

@@ -9,27 +9,25 @@ pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
 import visionselector as vs  # noqa: E402
-from visionselector.data.digits_vqa import vocabulary, write_split  # noqa: E402
-from visionselector.data.processor import VQAProcessor, WordTokenizer  # noqa: E402
-from visionselector.data.reference_model import (  # noqa: E402
-    ReferenceConfig, build_reference_model, export_reference, load_reference_model,
-)
-from visionselector.data.vqa import ExampleBatches, FeatureCache, load_examples  # noqa: E402
+from visionselector.data.batches import ExampleBatches, FeatureCache, load_examples, load_image  # noqa: E402
+from visionselector.data.encoding import collate, encode_conversation  # noqa: E402
+from visionselector.models import greedy_settings  # noqa: E402
+from visionselector.reference.model import export_reference, load_reference_model  # noqa: E402
+from visionselector.reference.task import write_split  # noqa: E402
+from visionselector.reference.training import ReferenceConfig, build_reference_model  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """A small random reference-architecture model saved like the shipped one, and DigitsVQA files."""
     root = tmp_path_factory.mktemp("pipeline")
-    tokenizer = WordTokenizer(vocabulary())
-    processor = VQAProcessor(tokenizer)
     config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=4, vision_hidden=32,
                              vision_depth=2, seed=3)
-    model = build_reference_model(config, tokenizer, processor)
+    model = build_reference_model(config)
     with torch.no_grad():  # float16 storage: make the weights exactly representable so reload is exact
         for parameter in model.parameters():
             parameter.copy_(parameter.half().float())
-    export_reference(model, processor, root / "model")
+    export_reference(model, root / "model")
     train = write_split(root / "data", "train", 12, progress=False)
     test = write_split(root / "data", "test", 9, progress=False)
     return {"root": root, "model_dir": root / "model", "train": train, "test": test}
@@ -39,19 +37,26 @@ def _load(workspace):
     return load_reference_model(workspace["model_dir"])
 
 
-def _greedy_answer(model, processor, example) -> str:
-    """The model's greedy answer (at most two tokens) to one example, from plain generate on pixels."""
-    batch = processor([example.load_image()], [example.question])
+def _greedy_answer(model, processor, example, max_new_tokens=2) -> str:
+    """The model's greedy answer to one example: the processor on the chat template's prompt, then
+    plain ``generate`` with the checkpoint's generation config."""
+    text = processor.apply_chat_template(example.prompt_messages(), add_generation_prompt=True, tokenize=False)
+    batch = processor(images=[load_image(p) for p in example.images], text=[text], return_tensors="pt")
     with torch.no_grad():
-        out = model.generate(**batch, max_new_tokens=2, do_sample=False,
-                             eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
-    return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+        out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=processor.tokenizer.pad_token_id)
+    return processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True).strip()
 
 
 def test_exported_reference_reloads_exactly(workspace):
     model, processor = _load(workspace)
     again, _ = _load(workspace)
     assert model.dtype == torch.float32 and len(processor.tokenizer) == model.config.text_config.vocab_size
+    assert type(model).__name__ == "Qwen2_5_VLForConditionalGeneration"
+    from transformers import AutoModelForImageTextToText, AutoTokenizer
+    assert AutoTokenizer.from_pretrained(workspace["model_dir"]).get_vocab() == processor.tokenizer.get_vocab()
+    auto = AutoModelForImageTextToText.from_pretrained(workspace["model_dir"], dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), auto.state_dict().values()))
     for a, b in zip(model.state_dict().values(), again.state_dict().values()):
         assert torch.equal(a, b)
 
@@ -60,7 +65,7 @@ def test_reexported_reference_records_float16_in_every_config(workspace, tmp_pat
     import json
 
     model, processor = _load(workspace)  # loaded as float32, as a continued training run's model is
-    export_reference(model, processor, tmp_path / "again")
+    export_reference(model, tmp_path / "again")
     config = json.loads((tmp_path / "again" / "config.json").read_text())
     dtypes = [config["dtype"]] + [config[name].get("dtype") for name in ("text_config", "vision_config")]
     assert all(dtype in (None, "float16") for dtype in dtypes) and dtypes[0] == "float16", dtypes
@@ -70,19 +75,16 @@ def test_reexported_reference_records_float16_in_every_config(workspace, tmp_pat
 
 
 def test_load_reference_model_names_what_is_missing(tmp_path):
-    with pytest.raises(FileNotFoundError, match="vocab.json|config.json"):
+    with pytest.raises(FileNotFoundError, match="config.json is missing"):
         load_reference_model(tmp_path)
 
 
-def test_load_examples_reads_single_image_questions(workspace, tmp_path):
+def test_load_examples_reads_conversations_as_chat_messages(workspace, tmp_path):
     examples = load_examples(workspace["test"])
-    assert len(examples) == 9 and examples[0].kind == "read_digit" and "<image>" not in examples[0].question
-    assert examples[0].image.is_file() and load_examples(workspace["test"], limit=4)[-1].id == examples[3].id
-    bad = tmp_path / "two.jsonl"
-    bad.write_text(json.dumps({"id": "x", "image": ["a.png", "b.png"], "conversations": [
-        {"from": "human", "value": "<image><image> q"}, {"from": "gpt", "value": "a"}]}) + "\n")
-    with pytest.raises(ValueError, match="record x: 2 images"):
-        load_examples(bad)
+    assert len(examples) == 9 and examples[0].extra["type"] == "read_digit"
+    question = examples[0].prompt_messages()[0]["content"]
+    assert question[0] == {"type": "image"} and question[1]["type"] == "text" and "<image>" not in question[1]["text"]
+    assert examples[0].images[0].is_file() and load_examples(workspace["test"], limit=4)[-1].id == examples[3].id
 
 
 @pytest.mark.parametrize("method", ["visionselector", "pool", "fastv"])
@@ -90,7 +92,7 @@ def test_cached_features_give_the_same_logits_and_answers_as_pixels(workspace, m
     model, processor = _load(workspace)
     examples = load_examples(workspace["test"])
     cache = FeatureCache(model, processor, examples, batch_size=4, progress=False)
-    assert len(cache) == 9 and cache.features[0].shape == (256, 64)
+    assert len(cache) == 9 and [f.shape for f in cache.features[0]] == [(256, 64)]
     cached = ExampleBatches(examples, processor, batch_size=5, cache=cache, with_answers=True)
     pixels = ExampleBatches(examples, processor, batch_size=5, cache=cache, with_answers=True, pixels=True)
     first_cached, first_pixels = cached.batch([0, 4, 7]), pixels.batch([0, 4, 7])
@@ -125,11 +127,17 @@ def test_feature_cache_on_disk_is_reused_and_invalidated_by_other_weights(worksp
     original = model.model.get_image_features
     model.model.get_image_features = lambda *a, **k: calls.append(1) or original(*a, **k)
     again = FeatureCache(model, processor, examples, directory=tmp_path, progress=False)
-    assert not calls and all(torch.equal(a, b) for a, b in zip(first.features, again.features))
+    assert not calls and all(torch.equal(a[0], b[0]) for a, b in zip(first.features, again.features))
     with torch.no_grad():
         model.model.visual.merger.mlp[0].weight.add_(0.1)
     changed = FeatureCache(model, processor, examples, directory=tmp_path, progress=False)
-    assert calls and not torch.equal(changed.features[0], first.features[0])
+    assert calls and not torch.equal(changed.features[0][0], first.features[0][0])
+    calls.clear()
+    from PIL import Image  # the same file name and size with other pixels: the cache keys on content
+    image = Image.open(examples[1].images[0]).convert("RGB")
+    Image.fromarray(255 - __import__("numpy").asarray(image)).save(examples[1].images[0])
+    FeatureCache(model, processor, examples, directory=tmp_path, progress=False)
+    assert calls
     files[0].write_bytes(b"not a checkpoint")  # a corrupt cache file is recomputed, not trusted
     model.model.get_image_features = original
     del model.model.get_image_features
@@ -153,7 +161,7 @@ def test_batches_shuffle_per_epoch_and_skip_without_building(workspace):
 
 
 def test_training_resumes_to_exactly_the_uninterrupted_result(workspace, tmp_path):
-    from visionselector.pipeline import TrainConfig, run_train
+    from visionselector.commands.train import TrainConfig, run_train
 
     common = dict(data=str(workspace["train"]), model=str(workspace["model_dir"]), steps=4, batch_size=4,
                   save_every=2, progress=False, learning_rate=1e-2)
@@ -192,7 +200,8 @@ def test_training_resumes_to_exactly_the_uninterrupted_result(workspace, tmp_pat
 
 
 def test_quality_harness_matches_direct_generation_and_writes_results(workspace, tmp_path):
-    from visionselector.eval.quality import evaluate_methods, normalise_answer, write_results
+    from visionselector.eval.metrics import normalise_answer
+    from visionselector.eval.quality import evaluate_methods, write_results
 
     model, processor = _load(workspace)
     examples = load_examples(workspace["test"])
@@ -226,7 +235,7 @@ def test_quality_harness_matches_direct_generation_and_writes_results(workspace,
         accuracy, kept = direct(record.method, record.retention)
         assert record.accuracy == pytest.approx(accuracy) and record.tokens_kept == kept, record
         assert record.samples == 9 and record.visual_tokens == 256 and record.prefill_ms > 0
-        assert set(record.by_type) == {e.kind for e in examples}
+        assert set(record.by_type) == {e.extra['type'] for e in examples}
     assert {r.tokens_kept for r in records if r.retention == 0.1} == {25}
 
     paths = write_results(records, tmp_path / "out", meta={"note": "test"})
@@ -250,7 +259,8 @@ def test_quality_harness_rejects_bad_requests(workspace):
 
 
 def test_method_options_reach_the_method_and_are_recorded(workspace):
-    from visionselector.eval.quality import evaluate_methods, normalise_answer
+    from visionselector.eval.metrics import normalise_answer
+    from visionselector.eval.quality import evaluate_methods
 
     model, processor = _load(workspace)
     examples = load_examples(workspace["test"])
@@ -345,7 +355,8 @@ def test_shipped_reference_model_loads_and_reads_the_image():
     """The checkpoint in the package answers well above what per-type answer priors give (about 30%)."""
     import json as _json
 
-    from visionselector.data.reference_model import REFERENCE_DIR, evaluate_accuracy
+    from visionselector.reference import REFERENCE_DIR
+    from visionselector.reference.training import evaluate_accuracy
 
     model, processor = load_reference_model()
     record = _json.loads((REFERENCE_DIR / "training.json").read_text())
@@ -374,7 +385,7 @@ def test_cli_train_reference_writes_a_loadable_model_and_continues_only_from_mat
 
 
 def test_demo_summary_compares_against_the_full_model_and_the_best_training_free_method():
-    from visionselector.demo import _targets
+    from visionselector.commands.demo import _targets
     from visionselector.eval.quality import QualityRecord
 
     def record(method, retention, accuracy, prefill_ms):

@@ -289,3 +289,14 @@ def test_angelslim_folders_that_are_not_visionselectors_scorer(tmp_path):
     with pytest.raises(ValueError, match="says in_features=128, but the weights .* have in_features=64"):
         load_selector(write_angelslim(tmp_path / "width", scorer, config={"architecture": "TransformerScorer",
                                                                            "in_features": 128}))
+
+
+def test_damaged_index_and_shard_are_named(tmp_path):
+    release = write_release(tmp_path / "release", make_model(), released_scorer())
+    shard = release / SCORER_SHARD
+    shard.write_bytes(shard.read_bytes()[:40])
+    with pytest.raises(ValueError, match=f"corrupt safetensors file .*{SCORER_SHARD}"):
+        load_selector(release)
+    (release / INDEX).write_text("{not json")
+    with pytest.raises(ValueError, match=f"corrupt JSON file .*{INDEX}"):
+        load_selector(release)

@@ -70,7 +70,7 @@ def load_selector(source: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
     """``(config, state_dict)`` of the scorer at ``source`` (see the module docstring for the kinds).
 
     ``config`` holds ``method``, ``method_config`` (``{"hidden_dim": h}``), ``hidden_size``
-    (``D``), ``model_family``, ``training_retention`` (``None`` where the source does not
+    (``D``), ``model_family``, ``model_class``, ``training_retention`` (``None`` where the source does not
     record it) and, for converted sources, a ``source`` note. ``state_dict`` holds
     ``scorer.{query,key}.weight`` ``[h, D]`` and ``scorer.{query,key}.bias`` ``[h]`` in the
     dtype they were stored in.
