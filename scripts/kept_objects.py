@@ -13,7 +13,7 @@ import argparse
 
 import torch
 
-from visionselector.data.reference_model import load_reference_model
+from visionselector.reference.model import load_reference_model
 from visionselector.eval.coverage import kept_object_coverage
 from visionselector.eval.quality import parse_method_options
 

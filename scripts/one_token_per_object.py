@@ -16,9 +16,11 @@ import torch
 
 import visionselector as vs
 from visionselector.api import get_state
-from visionselector.data.digits_vqa import digit_images, make_sample, object_tokens
-from visionselector.data.reference_model import load_reference_model
-from visionselector.eval.quality import normalise_answer
+from visionselector.reference.task import digit_images, make_sample, object_tokens
+from visionselector.models import greedy_settings
+from visionselector.reference.model import load_reference_model
+from visionselector.reference.training import question_batch
+from visionselector.eval.metrics import normalise_answer
 from visionselector.methods.base import Selection
 
 
@@ -65,11 +67,10 @@ def main() -> None:
             layout = []
             image, question, answer, kind = make_sample("test", index, images, targets, layout=layout)
             scene["objects"] = [torch.tensor(cells, dtype=torch.long) for cells in object_tokens(layout)]
-            batch = processor([image], [question])
+            batch = question_batch(processor, [image], [question])
             with torch.no_grad():
-                out = model.generate(**batch, max_new_tokens=2, do_sample=False,
-                                     eos_token_id=processor.tokenizer.eos_id, pad_token_id=processor.tokenizer.pad_id)
-            said = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:])
+                out = model.generate(**batch, **greedy_settings(model, processor, 2))
+            said = processor.tokenizer.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
             hits.setdefault(kind, []).append(normalise_answer(said) == normalise_answer(answer))
         vs.detach(model)
         every = [hit for kind_hits in hits.values() for hit in kind_hits]

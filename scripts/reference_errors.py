@@ -19,8 +19,9 @@ from collections import Counter
 
 import torch
 
-from visionselector.data.digits_vqa import COLOURS, QUESTION_TYPES, SHAPES, digit_images
-from visionselector.data.reference_model import SCENES_FIRST, evaluate_accuracy, greedy_answers, load_reference_model
+from visionselector.reference.task import COLOURS, QUESTION_TYPES, SHAPES, digit_images
+from visionselector.reference.model import load_reference_model
+from visionselector.reference.training import SCENES_FIRST, evaluate_accuracy, greedy_answers
 
 
 def percent(hits: int, total: int) -> str:

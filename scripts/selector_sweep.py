@@ -15,9 +15,11 @@ from pathlib import Path
 
 import torch
 
-from visionselector.data.digits_vqa import write_split
+from visionselector.reference.task import write_split
 from visionselector.demo import SELECTOR_TRAIN_FIRST
-from visionselector.pipeline import EvalConfig, TrainConfig, load_model, run_eval, run_train
+from visionselector.commands.evaluate import EvalConfig, run_eval
+from visionselector.commands.train import TrainConfig, run_train
+from visionselector.models import load_model
 
 VARIANTS = {
     "base": {},

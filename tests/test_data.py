@@ -6,7 +6,7 @@ pytest.importorskip("sklearn")
 pytest.importorskip("PIL")
 
 from visionselector.data import read_conversations  # noqa: E402
-from visionselector.data.digits_vqa import (  # noqa: E402
+from visionselector.reference.task import (  # noqa: E402
     QUESTION_TYPES, SPLITS, digit_images, _scene_for, make_sample, vocabulary, write_split,
 )
 
@@ -83,37 +83,101 @@ def test_written_split_reads_back_as_conversations(tmp_path):
 
 def test_conversation_errors_name_the_line(tmp_path):
     path = tmp_path / "bad.jsonl"
+    (tmp_path / "a.png").write_bytes(b"")  # images must exist; the files are not opened here
     good = {"image": "a.png", "conversations": [{"from": "human", "value": "<image>\nq"}, {"from": "gpt", "value": "a"}]}
     path.write_text(json.dumps(good) + "\n{oops\n")
     with pytest.raises(ValueError, match=r"bad.jsonl:2: not valid JSON"):
         read_conversations(path)
     path.write_text(json.dumps({**good, "image": ["a.png", "b.png"]}) + "\n")
-    with pytest.raises(ValueError, match=r":1: 2 image\(s\) but 1 '<image>' placeholder"):
+    with pytest.raises(ValueError, match=r":1: 2 image\(s\) but 1 '<image>' tag\(s\)"):
         read_conversations(path)
+    path.write_text(json.dumps(good) + "\n" + json.dumps({**good, "image": "missing.png"}) + "\n")
+    with pytest.raises(FileNotFoundError, match=r"bad.jsonl:2: image file not found: .*missing.png"):
+        read_conversations(path)
+    assert len(read_conversations(path, check_files=False)) == 2
     path.write_text(json.dumps({"conversations": [{"from": "robot", "value": "x"}]}) + "\n")
     with pytest.raises(ValueError, match="'from'"):
         read_conversations(path)
 
 
-def test_word_tokenizer_round_trip_and_errors(tmp_path):
-    import torch  # noqa: F401
+def test_reference_tokenizer_round_trip_errors_and_chat_template(tmp_path):
+    from transformers import AutoTokenizer
 
-    from visionselector.data.processor import SPECIAL_TOKENS, WordTokenizer
+    from visionselector.reference.model import CHAT_TEMPLATE, SPECIAL_TOKENS, reference_tokenizer
+    from visionselector.reference.training import question_messages, reference_processor
 
-    tokenizer = WordTokenizer(vocabulary())
-    ids = tokenizer.encode("what digit is in the red box ?")
-    assert tokenizer.decode(ids) == "what digit is in the red box ?"
-    assert tokenizer.encode("zebra") == [tokenizer.unk_id]
-    assert tokenizer.pad_id == 0 and tokenizer.image_id == SPECIAL_TOKENS.index("<image>")
-    tokenizer.save(tmp_path / "vocab.json")
-    assert WordTokenizer.load(tmp_path / "vocab.json").tokens == tokenizer.tokens
-    with pytest.raises(ValueError, match="duplicate"):
-        WordTokenizer(["a", "a"])
-    with pytest.raises(ValueError, match="special"):
-        WordTokenizer(["<pad>"])
-    (tmp_path / "bad.json").write_text("{")
-    with pytest.raises(ValueError, match="cannot read tokenizer"):
-        WordTokenizer.load(tmp_path / "bad.json")
+    words = vocabulary()
+    tokenizer = reference_tokenizer()
+    assert tokenizer.convert_tokens_to_ids(list(SPECIAL_TOKENS)) == list(range(len(SPECIAL_TOKENS)))
+    assert tokenizer.convert_tokens_to_ids(words) == list(range(len(SPECIAL_TOKENS), len(SPECIAL_TOKENS) + len(words)))
+    assert len(tokenizer) == len(SPECIAL_TOKENS) + len(words)
+    assert (tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.unk_token_id) == (
+        SPECIAL_TOKENS.index("<pad>"), SPECIAL_TOKENS.index("<bos>"), SPECIAL_TOKENS.index("<eos>"),
+        SPECIAL_TOKENS.index("<unk>")) == (0, 1, 2, 3)
+    text = "what digit is in the red box ?"
+    ids = tokenizer(text)["input_ids"]  # words only: no special tokens added
+    assert ids == [len(SPECIAL_TOKENS) + words.index(w) for w in text.split()]
+    assert tokenizer.decode(ids) == text  # words joined with single spaces
+    assert tokenizer("What  DIGIT is in the RED box ?")["input_ids"] == ids  # lower-cased, split on whitespace
+    assert tokenizer("zebra")["input_ids"] == [tokenizer.unk_token_id] == [SPECIAL_TOKENS.index("<unk>")]
+    assert tokenizer("what zebra ?")["input_ids"] == [ids[0], tokenizer.unk_token_id, ids[-1]]
+    assert tokenizer.decode([tokenizer.bos_token_id] + ids + [tokenizer.eos_token_id], skip_special_tokens=True) == text
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    loaded = AutoTokenizer.from_pretrained(tmp_path / "tokenizer")
+    assert loaded.get_vocab() == tokenizer.get_vocab() and loaded("What zebra ?")["input_ids"] == [ids[0], 3, ids[-1]]
+    with pytest.raises(ValueError, match="repeats a word"):
+        reference_tokenizer(["a", "a"])
+    with pytest.raises(ValueError, match="repeats a word or a special token"):
+        reference_tokenizer(["<pad>"])
+
+    processor = reference_processor()
+    assert processor.chat_template == CHAT_TEMPLATE
+    prompt = processor.apply_chat_template(question_messages([(text, "7")], answered=False), tokenize=False,
+                                           add_generation_prompt=True)
+    assert prompt == "<bos><vision_start><image><vision_end> what digit is in the red box ?<answer>"
+    conversation = processor.apply_chat_template(
+        question_messages([("is there a red circle ?", "no"), ("how many squares are there ?", "2")]), tokenize=False)
+    assert conversation == ("<bos><vision_start><image><vision_end> is there a red circle ?<answer> no<eos>"
+                            " how many squares are there ?<answer> 2<eos>")
+
+
+def _small_processor(pixels: int = 112 * 112):
+    """The reference processor with an image processor that resizes to ``pixels`` (a cheap grid)."""
+    from transformers import Qwen2VLImageProcessorPil
+
+    from visionselector.reference.training import reference_processor
+
+    reference = reference_processor()
+    return type(reference)(image_processor=Qwen2VLImageProcessorPil(min_pixels=pixels, max_pixels=pixels),
+                           tokenizer=reference.tokenizer, chat_template=reference.chat_template)
+
+
+def test_encoded_digits_vqa_samples_are_the_reference_prompt_and_answer():
+    import torch
+
+    from visionselector.data.encoding import encode_conversation
+    from visionselector.reference.model import SPECIAL_TOKENS
+    from visionselector.reference.training import question_messages, reference_processor
+
+    processor = reference_processor()
+    special = {token: index for index, token in enumerate(SPECIAL_TOKENS)}
+    words = {word: len(SPECIAL_TOKENS) + index for index, word in enumerate(vocabulary())}
+    images, targets = digit_images()
+    for index in range(4):
+        image, question, answer, _ = make_sample("test", index, images, targets)
+        # <bos> <vision_start> <image> x 256 <vision_end> question-words <answer>, then answer-words <eos>
+        prompt = ([special["<bos>"], special["<vision_start>"]] + [special["<image>"]] * 256 + [special["<vision_end>"]]
+                  + [words[w] for w in question.split()] + [special["<answer>"]])
+        reply = [words[w] for w in answer.split()] + [special["<eos>"]]
+        encoded = encode_conversation(processor, question_messages([(question, answer)]), images=[image])
+        assert encoded["input_ids"].tolist() == prompt + reply, (index, question, answer)
+        assert encoded["labels"].tolist() == [-100] * len(prompt) + reply
+        assert encoded["mm_token_type_ids"].tolist() == [int(t == special["<image>"]) for t in prompt + reply]
+        assert encoded["image_grid_thw"].tolist() == [[1, 32, 32]] and encoded["pixel_values"].shape[0] == 1024
+        asked = encode_conversation(processor, question_messages([(question, answer)], answered=False),
+                                    images=[image], generation_prompt=True)
+        assert asked["input_ids"].tolist() == prompt and (asked["labels"] == -100).all()
+        assert torch.equal(asked["pixel_values"], encoded["pixel_values"])
 
 
 @pytest.mark.parametrize("padding_side", ["left", "right"])
@@ -121,34 +185,43 @@ def test_processor_batches_run_through_a_qwen2_5_vl_with_a_selector(padding_side
     import torch
 
     import visionselector as vs
-    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.data.encoding import collate, encode_conversation
     from visionselector.presets import qwen2_5_vl_config
+    from visionselector.reference.training import question_messages
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    tokenizer = WordTokenizer(vocabulary())
-    processor = VQAProcessor(tokenizer, image_pixels=112 * 112)
+    processor = _small_processor(112 * 112)
+    tokenizer = processor.tokenizer
     samples = [make_sample("train", i) for i in (0, 3)]
-    batch = processor([s[0] for s in samples], [s[1] for s in samples], [s[2] for s in samples],
-                      padding_side=padding_side)
+    batch = collate([encode_conversation(processor, question_messages([s[1:3]]), images=[s[0]]) for s in samples],
+                    tokenizer.pad_token_id, padding_side=padding_side)
     assert batch["image_grid_thw"].tolist() == [[1, 8, 8], [1, 8, 8]]
-    assert (batch["input_ids"] == tokenizer.image_id).sum(1).tolist() == [16, 16]
-    answers = [tokenizer.decode(row[row != -100]) for row in batch["labels"]]
+    assert (batch["input_ids"] == processor.image_token_id).sum(1).tolist() == [16, 16]
+    assert torch.equal(batch["mm_token_type_ids"], (batch["input_ids"] == processor.image_token_id).long())
+    edge = -1 if padding_side == "left" else 0  # padding on the other side
+    assert batch["attention_mask"][:, edge].all() and not batch["attention_mask"].all()
+    assert (batch["input_ids"][batch["attention_mask"] == 0] == tokenizer.pad_token_id).all()
+    answers = [tokenizer.decode(row[row != -100], skip_special_tokens=True) for row in batch["labels"]]
     assert answers == [s[2] for s in samples]
-    assert ((batch["labels"] == tokenizer.eos_id).sum(1) == 1).all()
+    for row, sample in zip(batch["labels"], samples):  # labels exactly on the answer words and <eos>
+        assert row[row != -100].tolist() == tokenizer(sample[2])["input_ids"] + [tokenizer.eos_token_id]
+    assert ((batch["labels"] == tokenizer.eos_token_id).sum(1) == 1).all()
 
     config = qwen2_5_vl_config(hidden_size=64, text_layers=2, heads=4, kv_heads=2, intermediate_size=128,
                                vocab_size=len(tokenizer), vision_depth=2, vision_hidden=32, vision_heads=2,
                                patch_size=14, window_size=112)
-    for name, value in processor.model_token_ids().items():
-        setattr(config, name, value)
+    for name in ("image", "video", "vision_start", "vision_end"):
+        setattr(config, f"{name}_token_id", tokenizer.convert_tokens_to_ids(f"<{name}>"))
     torch.manual_seed(0)
     model = Qwen2_5_VLForConditionalGeneration(config).eval()
     with torch.no_grad():
         assert torch.isfinite(model(**batch).loss)
     vs.attach(model, retention=0.25)
-    prompt = processor([s[0] for s in samples], [s[1] for s in samples])
+    prompt = collate([encode_conversation(processor, question_messages([s[1:3]], answered=False), images=[s[0]],
+                                          generation_prompt=True) for s in samples], tokenizer.pad_token_id)
+    assert (prompt.pop("labels") == -100).all()
     with torch.no_grad():
-        out = model.generate(**prompt, max_new_tokens=2, do_sample=False)
+        out = model.generate(**prompt, max_new_tokens=2, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert out.shape == (2, prompt["input_ids"].shape[1] + 2)
     assert [len(s) for s in vs.last_selection(model)] == [4, 4]
 
@@ -156,7 +229,7 @@ def test_processor_batches_run_through_a_qwen2_5_vl_with_a_selector(padding_side
 def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
-    from visionselector.data.reference_model import ReferenceConfig, evaluate_accuracy, train_reference
+    from visionselector.reference.training import ReferenceConfig, evaluate_accuracy, train_reference
 
     config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, token_loss_layer=1,
                              vision_hidden=32, vision_depth=1, vision_steps=3, steps=2,
@@ -178,7 +251,7 @@ def test_reference_training_runs_both_stages_evaluates_and_saves(tmp_path):
 
 
 def test_stage_two_schedule_puts_quarters_first_then_between_scenes():
-    from visionselector.data.reference_model import stage_two_schedule
+    from visionselector.reference.training import stage_two_schedule
 
     assert stage_two_schedule(2, 3, 2) == [("quarters", 0), ("quarters", 1), ("scenes", 0), ("scenes", 1),
                                            ("quarters", 2), ("scenes", 2)]
@@ -191,7 +264,7 @@ def test_stage_two_schedule_puts_quarters_first_then_between_scenes():
 def test_token_sides_follow_the_merged_grid_in_raster_order():
     import torch
 
-    from visionselector.data.reference_model import token_sides
+    from visionselector.reference.training import token_sides
 
     # a 2 x 4 token image (4 x 8 patches), then a 1 x 2 one (2 x 4 patches)
     sides = token_sides(torch.tensor([[1, 4, 8], [1, 2, 4]]))
@@ -201,8 +274,8 @@ def test_token_sides_follow_the_merged_grid_in_raster_order():
 def test_shape_classes_join_shape_and_colour_into_one_class():
     import torch
 
-    from visionselector.data.digits_vqa import COLOURS, LABEL_HEADS, SHAPES, token_labels
-    from visionselector.data.reference_model import shape_classes
+    from visionselector.reference.task import COLOURS, LABEL_HEADS, SHAPES, token_labels
+    from visionselector.reference.training import shape_classes
 
     labels = torch.zeros(3, len(LABEL_HEADS), dtype=torch.long)
     labels[1, 2], labels[1, 3] = 1, 1  # circle, red
@@ -220,7 +293,7 @@ def test_shape_classes_join_shape_and_colour_into_one_class():
 
 
 def test_token_losses_read_a_decoder_layer_and_reject_others():
-    from visionselector.data.reference_model import ReferenceConfig, train_reference
+    from visionselector.reference.training import ReferenceConfig, train_reference
 
     config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=2, vision_hidden=32,
                              vision_depth=1, vision_steps=0, steps=1, batch_size=2, warmup_steps=1, eval_samples=2,
@@ -232,7 +305,7 @@ def test_token_losses_read_a_decoder_layer_and_reject_others():
 def test_token_losses_compute_only_the_losses_asked_for():
     import torch
 
-    from visionselector.data.reference_model import TokenLosses, token_sides
+    from visionselector.reference.training import TokenLosses, token_sides
 
     torch.manual_seed(0)
     image_id, width = 7, 8
@@ -254,16 +327,13 @@ def test_token_losses_compute_only_the_losses_asked_for():
 def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
     import torch
 
-    from visionselector.data.reference_model import ReferenceConfig, build_reference_model, train_reference
-    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.reference.training import ReferenceConfig, build_reference_model, train_reference
 
     config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1, token_loss_layer=1,
                              vision_hidden=32, vision_depth=1, vision_steps=0, steps=2,
                              batch_size=2, warmup_steps=1, eval_samples=2, eval_every=0, scenes=3, quarter_scenes=1,
                              quarter_steps=1)
-    tokenizer = WordTokenizer(vocabulary())
-    processor = VQAProcessor(tokenizer)
-    initial = build_reference_model(config, tokenizer, processor)  # same seed: the weights training starts from
+    initial = build_reference_model(config)  # same seed: the weights training starts from
     model, _, _ = train_reference(config, print_fn=lambda _: None, progress=False)
     for (name, before), after in zip(initial.state_dict().items(), model.state_dict().values()):
         if name.startswith("model.visual."):
@@ -273,7 +343,7 @@ def test_stage_two_trains_the_language_model_and_leaves_the_encoder_alone():
 
 
 def test_token_labels_mark_exactly_the_tokens_an_object_covers():
-    from visionselector.data.digits_vqa import LABEL_HEADS, token_labels
+    from visionselector.reference.task import LABEL_HEADS, token_labels
 
     targets = [7]  # digit image 0 shows a 7
     layout = [
@@ -296,7 +366,7 @@ def test_token_labels_mark_exactly_the_tokens_an_object_covers():
 
 
 def test_object_tokens_and_asked_objects_on_known_layouts():
-    from visionselector.data.digits_vqa import digit_images, asked_objects, make_sample, object_tokens, token_labels
+    from visionselector.reference.task import digit_images, asked_objects, make_sample, object_tokens, token_labels
 
     layout = [
         (28, 0, 92, 64, {"digit": 0, "box": "green"}),
@@ -329,15 +399,14 @@ def test_object_tokens_and_asked_objects_on_known_layouts():
 
 def test_object_coverage_counts_what_the_kept_tokens_cover():
     import visionselector as vs
-    from visionselector.data.digits_vqa import digit_images, asked_objects, make_sample, object_tokens
-    from visionselector.data.processor import VQAProcessor, WordTokenizer
-    from visionselector.data.reference_model import ReferenceConfig, build_reference_model
+    from visionselector.reference.task import digit_images, asked_objects, make_sample, object_tokens
+    from visionselector.reference.training import ReferenceConfig, build_reference_model, reference_processor
     from visionselector.eval.coverage import kept_object_coverage
 
-    processor = VQAProcessor(WordTokenizer(vocabulary()))
+    processor = reference_processor()
     config = ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=2, vision_hidden=32,
                              vision_depth=2, seed=1)
-    model = build_reference_model(config, processor.tokenizer, processor)
+    model = build_reference_model(config)
     result = kept_object_coverage(model, processor, method="uniform", retention=0.25, samples=6)
     # uniform keeps the centre of every 2 x 2 block: tokens (2i + 1, 2j + 1), whatever the image
     kept = {r * 16 + c for r in range(1, 16, 2) for c in range(1, 16, 2)}
@@ -378,19 +447,41 @@ def test_layout_capture_does_not_change_the_sample():
 
 def test_fast_pixel_path_equals_the_image_processor():
     import torch
+    from transformers import Qwen2VLImageProcessorPil
 
-    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.reference.training import fast_pixels, reference_processor
 
-    processor = VQAProcessor(WordTokenizer(vocabulary()))
+    calls = []
+
+    class Counting(Qwen2VLImageProcessorPil):
+        def __call__(self, *args, **kwargs):
+            calls.append(len(kwargs.get("images", args[0] if args else ())))
+            return super().__call__(*args, **kwargs)
+
+    counting = Counting(min_pixels=448 * 448, max_pixels=448 * 448)
+    reference = Qwen2VLImageProcessorPil(min_pixels=448 * 448, max_pixels=448 * 448)
     images = [make_sample("validation", i)[0] for i in range(3)]
-    fast = processor.pixels(images)
-    slow = processor.image_processor(images=images, return_tensors="pt")
-    assert torch.equal(fast["image_grid_thw"], slow["image_grid_thw"])
-    assert torch.allclose(fast["pixel_values"], slow["pixel_values"], atol=1e-6, rtol=0)
+    slow = reference(images=images, return_tensors="pt")
+    assert slow["image_grid_thw"].tolist() == [[1, 32, 32]] * 3
+    for image_processor in (counting, reference_processor().image_processor):
+        fast = fast_pixels(image_processor, images)
+        assert torch.equal(fast["image_grid_thw"], slow["image_grid_thw"])
+        assert fast["pixel_values"].shape == slow["pixel_values"].shape
+        assert torch.allclose(fast["pixel_values"], slow["pixel_values"], atol=1e-6, rtol=0)
+    assert calls == []  # 448 x 448 images took the fast path
+
+    # sizes the processor would change go through it: 224 x 224 images are scaled up to its 448 x 448
+    small = [image.resize((224, 224)) for image in images[:2]]
+    for pictures in (small, [images[0], small[0]]):
+        fallback = fast_pixels(counting, pictures)
+        expected = reference(images=pictures, return_tensors="pt")
+        assert fallback["image_grid_thw"].tolist() == [[1, 32, 32]] * len(pictures)
+        assert torch.equal(fallback["pixel_values"], expected["pixel_values"])
+    assert calls == [2, 2]
 
 
 def test_dense_pretraining_scenes_are_crowded_deterministic_and_use_training_digits_only():
-    from visionselector.data.digits_vqa import make_dense_scene
+    from visionselector.reference.task import make_dense_scene
 
     images, targets = digit_images()
     for index in range(20):
@@ -405,7 +496,7 @@ def test_dense_pretraining_scenes_are_crowded_deterministic_and_use_training_dig
 def test_scene_questions_agree_with_the_generated_question_and_are_unique():
     import random
 
-    from visionselector.data.digits_vqa import scene_questions
+    from visionselector.reference.task import scene_questions
 
     images, targets = digit_images()
     kinds = set()
@@ -422,17 +513,29 @@ def test_scene_questions_agree_with_the_generated_question_and_are_unique():
 
 
 def test_follow_up_turns_are_labelled_like_the_first():
-    from visionselector.data.processor import VQAProcessor, WordTokenizer
+    from visionselector.data.encoding import collate, encode_conversation
+    from visionselector.reference.training import question_messages
 
-    tokenizer = WordTokenizer(vocabulary())
-    processor = VQAProcessor(tokenizer, image_pixels=112 * 112)
+    processor = _small_processor(112 * 112)
+    tokenizer = processor.tokenizer
     image = make_sample("train", 0)[0]
-    batch = processor([image], ["is there a red circle ?"], ["no"], padding_side="right",
-                      follow_ups=[[("how many squares are there ?", "2"), ("what colour is the triangle ?", "blue")]])
+    turns = [("is there a red circle ?", "no"), ("how many squares are there ?", "2"),
+             ("what colour is the triangle ?", "blue")]
+    batch = collate([encode_conversation(processor, question_messages(turns), images=[image])],
+                    tokenizer.pad_token_id, padding_side="right")
     labels = batch["labels"][0]
-    assert tokenizer.decode(labels[labels != -100]) == "no 2 blue"
-    assert int((labels == tokenizer.eos_id).sum()) == 3
-    words = tokenizer.decode(batch["input_ids"][0])
+    assert tokenizer.decode(labels[labels != -100], skip_special_tokens=True) == "no 2 blue"
+    assert int((labels == tokenizer.eos_token_id).sum()) == 3
+    answer, eos = tokenizer.convert_tokens_to_ids(["<answer>", "<eos>"])
+    ids = batch["input_ids"][0]
+    # every answer is labelled from the token after its <answer> through its <eos>, and nothing else
+    starts = (ids == answer).nonzero().flatten().tolist()
+    ends = (ids == eos).nonzero().flatten().tolist()
+    assert len(starts) == len(ends) == 3
+    labelled = [i for a, e in zip(starts, ends) for i in range(a + 1, e + 1)]
+    assert (labels != -100).nonzero().flatten().tolist() == labelled
+    assert labels[labelled].tolist() == ids[labelled].tolist()
+    words = tokenizer.decode(ids, skip_special_tokens=True)
     assert words.endswith("is there a red circle ? no how many squares are there ? 2 what colour is the triangle ? blue")
 
 
@@ -441,7 +544,7 @@ def test_quarters_hold_whole_objects_in_their_own_coordinates_and_the_same_pixel
 
     import numpy as np
 
-    from visionselector.data.digits_vqa import crop_quarter, scene_questions, token_labels
+    from visionselector.reference.task import crop_quarter, scene_questions, token_labels
 
     images, targets = digit_images()
     for index in range(40):
@@ -471,11 +574,10 @@ def test_quarters_hold_whole_objects_in_their_own_coordinates_and_the_same_pixel
 def test_encoded_samples_visit_every_sample_once_per_epoch_with_its_own_question_first():
     import torch
 
-    from visionselector.data.processor import VQAProcessor, WordTokenizer
-    from visionselector.data.reference_model import EncodedSamples
+    from visionselector.reference.training import EncodedSamples, reference_processor
 
-    tokenizer = WordTokenizer(vocabulary())
-    processor = VQAProcessor(tokenizer)
+    processor = reference_processor()
+    tokenizer = processor.tokenizer
     questions = [[("how many squares are there ?", str(i))] + [("is there a red circle ?", "no")] * 3
                  for i in range(6)]
     features = torch.arange(6, dtype=torch.float16)[:, None, None].expand(6, 4, 8).clone()
@@ -486,24 +588,23 @@ def test_encoded_samples_visit_every_sample_once_per_epoch_with_its_own_question
         assert torch.equal(batch["input_ids"], samples.batch(step, 4, 2, seed=5)["input_ids"])
         visual = [int(f[0, 0]) for f in batch["mm_encoder_outputs"]["image"].pooler_output]
         labels = batch["labels"]
-        firsts = [tokenizer.decode(row[row != -100]).split()[0] for row in labels]
-        assert firsts == [str(v) for v in visual]  # each image with its own first answer
-        assert all(len(tokenizer.decode(row[row != -100]).split()) == 3 for row in labels)  # 1 + 2 follow-ups
+        answers = [tokenizer.decode(row[row != -100], skip_special_tokens=True).split() for row in labels]
+        assert [a[0] for a in answers] == [str(v) for v in visual]  # each image with its own first answer
+        assert all(len(a) == 3 for a in answers)  # 1 + 2 follow-ups
+        assert ((labels == tokenizer.eos_token_id).sum(1) == 3).all()
+        assert ((batch["input_ids"] == processor.image_token_id).sum(1) == 4).all()
         seen += visual
     assert sorted(seen[:6]) == list(range(6)) and sorted(seen[6:]) == list(range(6))
     assert seen[:6] != seen[6:]  # a new order every epoch
 
 
 def test_reference_widths_and_rotary_split_are_checked():
-    from visionselector.data.processor import VQAProcessor, WordTokenizer
-    from visionselector.data.reference_model import ReferenceConfig, build_reference_model
+    from visionselector.reference.training import ReferenceConfig, build_reference_model
 
-    processor = VQAProcessor(WordTokenizer(vocabulary()))
     model = build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, text_layers=1,
-                                                  vision_hidden=32, vision_depth=1), processor.tokenizer, processor)
+                                                  vision_hidden=32, vision_depth=1))
     assert model.config.text_config.rope_parameters["mrope_section"] == [2, 6, 24]
     with pytest.raises(ValueError, match="summing to half the head width \\(32\\)"):
-        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, mrope_section=(8, 12, 16)),
-                              processor.tokenizer, processor)
+        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=1, text_kv_heads=1, mrope_section=(8, 12, 16)))
     with pytest.raises(ValueError, match="must divide into text_heads"):
-        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=3), processor.tokenizer, processor)
+        build_reference_model(ReferenceConfig(hidden_size=64, text_heads=3))

@@ -255,7 +255,8 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
     visual_per_sample = int(((batch["input_ids"][0] == visual_ids[0]) | (batch["input_ids"][0] == visual_ids[1])).sum())
     text_tokens = batch["input_ids"].shape[1] - visual_per_sample
     for method in config.methods:  # fail now, not after minutes of timing, if a method cannot attach
-        vs.detach(vs.attach(model, method=method, retention=retentions[0]))
+        with vs.attached(model, method=method, retention=retentions[0]):
+            pass
     timer = _Timer(device)
     print_fn(f"{description}; {str(dtype).replace('torch.', '')}, {config.attn}, {device.type}"
              + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else
@@ -304,11 +305,10 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
         for kept, variant in limits.items():
             measure_once(variant, timed, limit_runs[kept], False)
         for method in config.methods:
-            vs.attach(model, method=method, retention=retentions[0])
-            for r in retentions:
-                vs.set_retention(model, r)
-                measure_once(variants[(method, r)], timed, prefill, True)
-            vs.detach(model)
+            with vs.attached(model, method=method, retention=retentions[0]):
+                for r in retentions:
+                    vs.set_retention(model, r)
+                    measure_once(variants[(method, r)], timed, prefill, True)
         progress.update(1)
     progress.close()
 
@@ -318,15 +318,14 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
     for kept, variant in limits.items():
         variant.flops = _flops_by_part(model, limit_runs[kept])
     for method in config.methods:
-        vs.attach(model, method=method, retention=retentions[0])
-        for r in retentions:
-            vs.set_retention(model, r)
-            variant = variants[(method, r)]
-            variant.flops = _flops_by_part(model, prefill)
-            variant.kv_cache_mib = _cache_mib(prefill().past_key_values)
-            variant.tokens_kept = statistics.mean(len(s) for s in vs.last_selection(model))
-            variant.attn_while_attached = model.model.language_model.config._attn_implementation
-        vs.detach(model)
+        with vs.attached(model, method=method, retention=retentions[0]):
+            for r in retentions:
+                vs.set_retention(model, r)
+                variant = variants[(method, r)]
+                variant.flops = _flops_by_part(model, prefill)
+                variant.kv_cache_mib = _cache_mib(prefill().past_key_values)
+                variant.tokens_kept = statistics.mean(len(s) for s in vs.last_selection(model))
+                variant.attn_while_attached = model.model.language_model.config._attn_implementation
 
     records = _records(baseline, variants, limits, visual_per_sample)
     report = {

@@ -2,8 +2,8 @@
 
 Accuracy says how much a method loses; this says why. For each test sample it compares
 the tokens a method keeps with the tokens under each object of the scene
-(:func:`~visionselector.data.digits_vqa.object_tokens`) and under the objects the question
-is about (:func:`~visionselector.data.digits_vqa.asked_objects`).
+(:func:`~visionselector.reference.task.object_tokens`) and under the objects the question
+is about (:func:`~visionselector.reference.task.asked_objects`).
 """
 
 from __future__ import annotations
@@ -40,7 +40,8 @@ def kept_object_coverage(model, processor, *, method: str, retention: float, sam
     """
     import visionselector as vs
 
-    from ..data.digits_vqa import digit_images, asked_objects, make_sample, object_tokens
+    from ..reference.training import question_batch
+    from ..reference.task import digit_images, asked_objects, make_sample, object_tokens
     from ..ops.topk import validate_retention
 
     validate_retention(retention)
@@ -56,16 +57,15 @@ def kept_object_coverage(model, processor, *, method: str, retention: float, sam
         if selector is None:
             raise ValueError("method 'visionselector' needs a trained selector (a directory written by save_selector)")
         attach_options["selector"] = selector
-    vs.attach(model, method=method, retention=retention, **attach_options)
     totals = dict.fromkeys(("asked_kept", "asked", "asked_seen", "asked_objects", "seen", "objects",
                             "on_objects", "kept"), 0)
     per_type: dict[str, list[int]] = {}
-    try:
+    with vs.attached(model, method=method, retention=retention, **attach_options):
         model.eval()
         for index in range(samples):
             layout = []
             image, question, _, kind = make_sample(split, index, images, targets, layout=layout)
-            batch = processor([image], [question])
+            batch = question_batch(processor, [image], [question])
             with torch.no_grad():
                 model(**batch)
             kept = set(vs.last_selection(model)[0].tolist())
@@ -81,8 +81,6 @@ def kept_object_coverage(model, processor, *, method: str, retention: float, sam
             row = per_type.setdefault(kind, [0, 0, 0, 0])
             for position, name in enumerate(("asked_kept", "asked", "asked_seen", "asked_objects")):
                 row[position] += counts[name]
-    finally:
-        vs.detach(model)
 
     def share(part, whole):
         return part / whole if whole else float("nan")

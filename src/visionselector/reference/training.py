@@ -26,7 +26,7 @@ from .task import (
 )
 
 __all__ = ["ReferenceConfig", "build_reference_model", "reference_processor", "fast_pixels", "train_reference",
-           "evaluate_accuracy", "greedy_answers", "question_messages"]
+           "evaluate_accuracy", "greedy_answers", "question_messages", "question_batch"]
 
 
 @dataclass
@@ -126,6 +126,15 @@ def question_messages(turns: list[tuple[str, str]], *, answered: bool = True) ->
     return messages
 
 
+def question_batch(processor, images: list, questions: list[str]) -> dict:
+    """Left-padded generation prompts asking each image its question (pixels included)."""
+    samples = [encode_conversation(processor, question_messages([(question, "")], answered=False), images=[image],
+                                   generation_prompt=True) for image, question in zip(images, questions)]
+    batch = collate(samples, processor.tokenizer.pad_token_id)
+    batch.pop("labels")
+    return batch
+
+
 def build_reference_model(config: ReferenceConfig):
     from transformers import Qwen2_5_VLForConditionalGeneration
 
@@ -174,10 +183,7 @@ def greedy_answers(model, processor, split: str, indices, *, batch_size: int = 1
                 layouts = [[] for _ in indices[start:start + batch_size]]
                 samples = [make_sample(split, i, images, targets, layout=layout)
                            for i, layout in zip(indices[start:start + batch_size], layouts)]
-                batch = collate([encode_conversation(processor, question_messages([s[1:3]], answered=False),
-                                                     images=[s[0]], generation_prompt=True) for s in samples],
-                                processor.tokenizer.pad_token_id)
-                batch.pop("labels")
+                batch = question_batch(processor, [s[0] for s in samples], [s[1] for s in samples])
                 out = model.generate(**batch, **greedy_settings(model, processor, 2))
                 answers = processor.tokenizer.batch_decode(out[:, batch["input_ids"].shape[1]:],
                                                            skip_special_tokens=True)
@@ -257,7 +263,7 @@ def fast_pixels(image_processor, images: list) -> dict[str, torch.Tensor]:
     arrays = [np.asarray(image) for image in images]
     shapes = {a.shape for a in arrays}
     shape = next(iter(shapes))
-    budget = ip.size.get("shortest_edge") if isinstance(ip.size, dict) else None
+    budget = ip.size.get("shortest_edge") if hasattr(ip.size, "get") else None  # a dict or a SizeDict
     if (len(shapes) != 1 or len(shape) != 3 or shape[2] != 3 or arrays[0].dtype != np.uint8 or shape[0] % unit
             or shape[1] % unit or shape[0] * shape[1] != budget or budget != ip.size.get("longest_edge")):
         return image_processor(images=images, return_tensors="pt")
