@@ -124,10 +124,12 @@ def _chat_template(folder: Path) -> str | None:
 
 
 def load_model(source: str | os.PathLike = REFERENCE_MODEL, *, dtype: torch.dtype | str = "auto",
-               device: str | torch.device | None = None, attn_implementation: str | None = None):
+               device: str | torch.device | None = None, attn_implementation: str | None = None,
+               processor: bool = True):
     """``(model, processor)`` of a supported checkpoint: ``"reference"`` (the shipped model), a
     folder, or a hub id. ``dtype="auto"`` keeps the checkpoint's dtype on GPUs and uses float32
-    on CPUs (which lack fast float16 kernels). The model is in eval mode."""
+    on CPUs (which lack fast float16 kernels). The model is in eval mode. ``processor=False``
+    loads the model alone (a folder without processor files) and returns ``(model, None)``."""
     from transformers import AutoModelForImageTextToText
 
     folder = _checkpoint_folder(source)
@@ -142,7 +144,7 @@ def load_model(source: str | os.PathLike = REFERENCE_MODEL, *, dtype: torch.dtyp
     model = AutoModelForImageTextToText.from_pretrained(folder, **options)
     if device is not None:
         model.to(device)
-    return model.eval(), load_processor(folder)
+    return model.eval(), (load_processor(folder) if processor else None)
 
 
 def greedy_settings(model, processor, max_new_tokens: int) -> dict:

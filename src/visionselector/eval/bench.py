@@ -104,7 +104,8 @@ def build_model(config: BenchConfig, device, dtype):
         from ..models import load_model
 
         try:
-            model, _ = load_model(config.model, dtype=dtype, device=device, attn_implementation=config.attn)
+            model, _ = load_model(config.model, dtype=dtype, device=device, attn_implementation=config.attn,
+                                  processor=False)
         except FileNotFoundError as error:
             known = ", ".join(sorted(ARCHITECTURES))
             raise ValueError(f"model must be an architecture preset ({known}), 'reference', a checkpoint folder or "
