@@ -63,3 +63,25 @@ def test_bad_settings_fail_before_timing(tmp_path):
         run_bench(BenchConfig(model="qwen2.5-vl-7b", methods=("nope",)))
     with pytest.raises(ValueError, match="architecture preset"):
         run_bench(BenchConfig(model=str(tmp_path / "missing")))
+
+
+def test_synthetic_prompts_use_only_the_models_own_ordinary_token_ids(tmp_path):
+    """The shipped reference model has a 52-word vocabulary with its image id at 4: synthetic text
+    must stay inside it and never hit a special id."""
+    from visionselector.models import load_model
+    from visionselector.presets import SampleSpec, synthetic_batch
+
+    model, _ = load_model("reference", processor=False)
+    config = model.config
+    batch = synthetic_batch(config, [SampleSpec(images=[(4, 4)], prefix=40, suffix=40)] * 2, seed=1)
+    ids = batch["input_ids"][batch["attention_mask"].bool()]
+    text = ids[(ids != config.image_token_id) & (ids != config.vision_start_token_id)
+               & (ids != config.vision_end_token_id)]
+    special = {config.video_token_id, config.text_config.pad_token_id, config.text_config.bos_token_id,
+               config.text_config.eos_token_id}
+    assert int(text.max()) < config.text_config.vocab_size and not special & set(text.tolist())
+    assert int((ids == config.image_token_id).sum()) == 2 * 4
+    result = run_bench(BenchConfig(model="reference", methods=("random",), retentions=(1.0, 0.5), image_size=56,
+                                   repeats=1, warmup=0, new_tokens=2, out=str(tmp_path / "out")),
+                       print_fn=lambda *_: None)
+    assert {r["retention"] for r in result["records"] if r["method"] == "random"} == {1.0, 0.5}
