@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from visionselector.reference.task import write_split
-from visionselector.demo import SELECTOR_TRAIN_FIRST
+from visionselector.commands.demo import SELECTOR_TRAIN_FIRST
 from visionselector.commands.evaluate import EvalConfig, run_eval
 from visionselector.commands.train import TrainConfig, run_train
 from visionselector.models import load_model
@@ -49,7 +49,7 @@ def main() -> None:
     train = write_split(root / "data", "train", 8000, first=SELECTOR_TRAIN_FIRST, name="selector_train")
     test = write_split(root / "data", "test", 480)
     for name in args.variants:
-        settings = {"limit": 2000, **VARIANTS[name]}
+        settings = {"limit": 2000, "learning_rate": 1e-3, **VARIANTS[name]}  # the demo's learning rate
         started = time.time()
         out = root / name
         run_train(TrainConfig(data=str(train), out=str(out / "selector"), model=args.model,
