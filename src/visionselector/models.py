@@ -39,7 +39,8 @@ def _checkpoint_folder(source: str | os.PathLike) -> Path:
     return folder
 
 
-def _model_type(folder: Path) -> str:
+def _checked_config(folder: Path) -> dict:
+    """The checkpoint's ``config.json``; ``TypeError`` listing the supported classes for other families."""
     try:
         config = json.loads((folder / "config.json").read_text())
     except (OSError, json.JSONDecodeError) as error:
@@ -49,7 +50,7 @@ def _model_type(folder: Path) -> str:
         raise TypeError(f"{folder} holds a {model_type or 'model of unknown type'!s} checkpoint "
                         f"({', '.join(config.get('architectures') or []) if isinstance(config, dict) else ''}); "
                         f"supported classes: {', '.join(SUPPORTED_MODEL_TYPES.values())}")
-    return model_type
+    return config
 
 
 def supports_video() -> bool:
@@ -82,12 +83,11 @@ def load_processor(source: str | os.PathLike):
     from transformers import AutoImageProcessor, AutoProcessor, AutoTokenizer
 
     folder = _checkpoint_folder(source)
-    _model_type(folder)
+    config = _checked_config(folder)
     if supports_video():
         return AutoProcessor.from_pretrained(folder)
     from transformers.models.auto.processing_auto import processor_class_from_name
 
-    config = json.loads((folder / "config.json").read_text())
     name = _processor_class_name(folder, config["model_type"])
     processor_class = processor_class_from_name(name)
     if processor_class is None:
@@ -133,7 +133,7 @@ def load_model(source: str | os.PathLike = REFERENCE_MODEL, *, dtype: torch.dtyp
     from transformers import AutoModelForImageTextToText
 
     folder = _checkpoint_folder(source)
-    _model_type(folder)
+    _checked_config(folder)
     if device is not None:
         device = torch.device(device)
     if dtype == "auto" and (device is None or device.type == "cpu"):

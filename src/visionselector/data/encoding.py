@@ -132,7 +132,7 @@ def encode_conversation(processor, messages: list[dict], *, images=None, videos=
         text_only = [t for t in ids if t not in placeholders]
         if [t for t in expanded if t not in placeholders] != text_only:
             raise ValueError("the processor tokenized the prompt differently from its own tokenizer; cannot place labels")
-        ids, labels = _spread_labels(expanded, ids, labels, placeholders)
+        ids, labels = expanded, _spread_labels(expanded, ids, labels, placeholders)
         visual = {k: v for k, v in processed.items()
                   if k not in ("input_ids", "attention_mask", "mm_token_type_ids") and torch.is_tensor(v)}
     ids_tensor = torch.tensor(ids, dtype=torch.long)
@@ -143,10 +143,10 @@ def encode_conversation(processor, messages: list[dict], *, images=None, videos=
             **visual}
 
 
-def _spread_labels(expanded: list[int], ids: list[int], labels: list[int], placeholders) -> tuple[list, list]:
+def _spread_labels(expanded: list[int], ids: list[int], labels: list[int], placeholders) -> list[int]:
     """Labels of the unexpanded tokens moved onto the expanded sequence (placeholders never labelled)."""
     text_labels = iter(label for token, label in zip(ids, labels) if token not in placeholders)
-    return expanded, [IGNORE_INDEX if token in placeholders else next(text_labels) for token in expanded]
+    return [IGNORE_INDEX if token in placeholders else next(text_labels) for token in expanded]
 
 
 def collate(samples: list[dict], pad_id: int, *, padding_side: str = "left") -> dict:
