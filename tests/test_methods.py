@@ -129,22 +129,22 @@ def test_layout_is_read_off_positions_in_forward_and_generate():
     vs.attach(model, method="uniform", retention=0.25)
     batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8)]),
                                            SampleSpec(images=[(4, 8), (8, 4)], videos=[(4, 4, 4)])])
-    from visionselector.adapters import qwen2_5_vl
+    from visionselector.adapters.positions import MRoPEPositions
 
     seen = []
-    original = qwen2_5_vl._visual_segments
+    original = MRoPEPositions.segments
 
     def spy(*args):
         seen.append(original(*args))
         return seen[-1]
 
-    qwen2_5_vl._visual_segments = spy
+    MRoPEPositions.segments = spy
     try:
         with torch.no_grad():
             model(**batch)
             model.generate(**batch, max_new_tokens=2, do_sample=False)  # encodes images before prefill
     finally:
-        qwen2_5_vl._visual_segments = original
+        MRoPEPositions.segments = original
     expected = [[(1, 4, 4)], [(1, 2, 4), (1, 4, 2), (4, 2, 2)]]
     assert seen == [expected, expected]
 

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from ..methods.base import SelectionMethod, VisualTokens
 from ..ops.sequence import compact_index, gather_sequence
 from ..ops.topk import hard_topk, soft_topk, token_budget
+from .compaction import Compaction
 
-__all__ = ["AttachedState", "SelectionRecord", "PrefillMemory", "ModelAdapter", "VisualBatch"]
+__all__ = ["AttachedState", "SelectionRecord", "PrefillMemory", "VisualBatch", "choose", "select_tokens"]
 
 MODES = ("auto", "hard", "soft")
 
@@ -28,19 +29,27 @@ MODES = ("auto", "hard", "soft")
 class SelectionRecord:
     """What the last forward kept.
 
-    ``kept[b]`` indexes sample ``b``'s visual tokens in their original order.
-    ``token_index``/``token_valid`` (hard selection that shortened the sequence) map each
-    slot of the compacted sequence to its position in the input sequence.
-    ``soft_mask`` (soft selection) is the differentiable mask ``[B, N_max]``.
+    ``kept[b]`` indexes sample ``b``'s visual tokens (every placeholder token of the
+    sample, in sequence order) in their original order. ``compaction`` (hard selection
+    that shortened the sequence) maps each slot of the compacted sequence to its position
+    in the input sequence. ``soft_mask`` (soft selection) is the differentiable mask
+    ``[B, N_max]``.
     """
 
     kept: list[torch.Tensor]
     visual_counts: torch.Tensor
     mode: str
-    token_index: torch.Tensor | None = None
-    token_valid: torch.Tensor | None = None
+    compaction: Compaction | None = None
     soft_mask: torch.Tensor | None = None
     selection_loss: torch.Tensor | None = None
+
+    @property
+    def token_index(self) -> torch.Tensor | None:
+        return None if self.compaction is None else self.compaction.index
+
+    @property
+    def token_valid(self) -> torch.Tensor | None:
+        return None if self.compaction is None else self.compaction.valid
 
 
 @dataclass
@@ -63,7 +72,7 @@ class PrefillMemory:
 class AttachedState:
     """Everything ``attach`` puts on a model instance."""
 
-    adapter: "ModelAdapter"
+    adapter: Any
     method: SelectionMethod
     method_name: str
     retention: float
@@ -78,7 +87,7 @@ class AttachedState:
     encoder_attention: dict = field(default_factory=dict)  # modality -> per-token attention received
     layer_pruning: Any = None  # the per-call context of pruning inside the language model
     current_input_ids: torch.Tensor | None = None
-    current_grids: tuple = (None, None)
+    current_inputs: dict = field(default_factory=dict)  # the visual keyword arguments of the running call
 
     def resolved_mode(self) -> str:
         if self.mode == "auto":
@@ -132,8 +141,7 @@ class SoftSelection:
 
 @dataclass
 class HardSelection:
-    index: torch.Tensor  # [B, L'] source position of each compacted slot
-    valid: torch.Tensor  # [B, L'] False in padding slots
+    compaction: Compaction
     record: SelectionRecord
     embeds: torch.Tensor  # [B, L, D] the input embeddings, with merged features where a method merged
 
@@ -161,7 +169,7 @@ def select_tokens(
 
     Returns:
         ``None`` when nothing changes (retention 1 in hard mode); otherwise a soft
-        scaling or the compaction index (``HardSelection.embeds`` holds merged
+        scaling or the :class:`Compaction` (``HardSelection.embeds`` holds merged
         features when the method merged tokens). ``state.last`` is updated either way.
     """
     mode = state.resolved_mode()
@@ -198,22 +206,37 @@ def select_tokens(
     if attention is not None:
         attention = gather_sequence(attention.unsqueeze(-1), visual.positions).squeeze(-1)
     tokens = VisualTokens(visual.features, visual.valid, provided.get("segments"), attention)
-    with torch.no_grad():
-        chosen = method.select(tokens, budget)
-    keep_visual = chosen.keep & visual.valid
-    check_budget(method, keep_visual, budget, visual.counts)
+    chosen, keep_visual, compaction, record = choose(state, tokens, visual, budget, visual_mask, token_valid,
+                                                     pad_left=pad_left, mode=mode)
     embeds = inputs_embeds
     if chosen.features is not None:
         values = torch.where(keep_visual.unsqueeze(-1), chosen.features.to(inputs_embeds.dtype), visual.features)
         embeds = inputs_embeds.clone()
         rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(visual.positions)
         embeds[rows[visual.valid], visual.positions[visual.valid]] = values[visual.valid]
-    keep = (token_valid & ~visual_mask) | scatter_to_sequence(keep_visual, visual, inputs_embeds.shape[1], False)
-    index, valid = compact_index(keep, pad_left=pad_left)
-    record = SelectionRecord(kept_indices(keep_visual, visual.valid), counts, mode, token_index=index,
-                             token_valid=valid)
+    return HardSelection(compaction, record, embeds)
+
+
+def choose(state: AttachedState, tokens: VisualTokens, visual: VisualBatch, budget: torch.Tensor,
+           visual_mask: torch.Tensor, token_valid: torch.Tensor, *, pad_left: bool, mode: str = "hard"):
+    """The hard selection step shared by pruning before and inside the language model.
+
+    Runs the method on ``tokens``, checks the budget and describes the shorter sequence:
+    every valid text token plus the kept visual tokens. Updates ``state.last``.
+
+    Returns ``(selection, keep_visual [B, N_max], compaction, record)``.
+    """
+    method = state.method
+    with torch.no_grad():
+        chosen = method.select(tokens, budget)
+    keep_visual = chosen.keep & visual.valid
+    check_budget(method, keep_visual, budget, visual.counts)
+    length = visual_mask.shape[1]
+    keep = (token_valid & ~visual_mask) | scatter_to_sequence(keep_visual, visual, length, False)
+    compaction = Compaction.from_keep(keep, pad_left=pad_left)
+    record = SelectionRecord(kept_indices(keep_visual, visual.valid), visual.counts, mode, compaction=compaction)
     state.last = record
-    return HardSelection(index, valid, record, embeds)
+    return chosen, keep_visual, compaction, record
 
 
 def check_budget(method: SelectionMethod, keep: torch.Tensor, budget: torch.Tensor, counts: torch.Tensor) -> None:
@@ -268,29 +291,6 @@ def decode_attention_mask(
         )
     tail = attention_mask[:, memory.full_length:].to(torch.bool)
     return torch.cat([memory.compact_mask.to(tail.device), tail], dim=1)
-
-
-class ModelAdapter:
-    """One model family: where its visual tokens are and how to patch an instance.
-
-    Subclasses set ``family`` and ``class_names`` and implement :meth:`supports`,
-    :meth:`hidden_size`, :meth:`patch`.
-    """
-
-    family: str = ""
-    class_names: tuple[str, ...] = ()
-
-    @classmethod
-    def supports(cls, model) -> bool:
-        raise NotImplementedError
-
-    @classmethod
-    def hidden_size(cls, model) -> int:
-        raise NotImplementedError
-
-    @classmethod
-    def patch(cls, model, state: AttachedState) -> None:
-        raise NotImplementedError
 
 
 def replace_method(module: torch.nn.Module, name: str, replacement, state: AttachedState) -> None:

@@ -2,38 +2,32 @@
 
 Works on the standard ``transformers`` decoder layer (``input_layernorm``, then
 ``self_attn`` with ``q_proj``/``k_proj``, rotary embeddings passed in as
-``position_embeddings``) that Qwen2, Qwen2.5-VL and Llama-style models share.
+``position_embeddings``) that the Qwen, Llama and Qwen2 text models share; the family
+says how its attention turns hidden states into queries and keys (Qwen3 normalises them).
 
 At prefill, layer ``K`` runs on the full sequence; right after it the method chooses
-the visual tokens to keep from signals of that layer, the hidden states, rotary
-embeddings and attention mask are compacted, and layers after ``K`` run on the
-shorter sequence (their KV cache holds only the kept tokens). During decoding, layers
-up to ``K`` use the full-length mask and later layers a mask over their compacted cache.
-Only the signals a method asks for are computed (one query row for the last-token
-attention), so every layer keeps its attention implementation (SDPA, FlashAttention).
+the visual tokens to keep from signals of that layer, and one :class:`Compaction` is
+applied to the hidden states, the rotary tables and the attention mask, so that layers
+after ``K`` run on the shorter sequence (their KV cache holds only the kept tokens).
+During decoding, layers up to ``K`` use the full-length mask and later layers a mask
+over their compacted cache. Only the signals a method asks for are computed (one query
+row for the last-token attention), so every layer keeps its attention implementation.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 
-from ..ops.sequence import compact_index, gather_sequence
-from ..ops.topk import token_budget
-from .base import (
-    AttachedState,
-    SelectionRecord,
-    check_budget,
-    gather_visual,
-    kept_indices,
-    replace_forward,
-    scatter_to_sequence,
-)
 from ..methods.base import VisualTokens
+from ..ops.sequence import gather_sequence
+from ..ops.topk import token_budget
+from .base import AttachedState, choose, gather_visual, replace_forward
+from .compaction import Compaction
 
-__all__ = ["LayerPruning", "install_layer_pruning", "decoder_signals"]
+__all__ = ["LayerPruning", "install_layer_pruning", "decoder_signals", "standard_query_key"]
 
 
 @dataclass
@@ -45,9 +39,9 @@ class LayerPruning:
     token_valid: torch.Tensor | None = None
     pad_left: bool = True
     active: bool = False
-    mask: Any = None
+    masks: dict = field(default_factory=dict)  # layer type -> the mask of the compacted sequence
     position_embeddings: tuple | None = None
-    compact_valid: torch.Tensor | None = None
+    compaction: Compaction | None = None
     cache: Any = None
 
 
@@ -56,7 +50,20 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-second, first), dim=-1)
 
 
-def decoder_signals(layer, hidden_states, position_embeddings, token_valid, needs) -> dict[str, torch.Tensor]:
+def standard_query_key(attention, normed: torch.Tensor):
+    """Per-head queries ``[B, L, H, d]`` and keys ``[B, L, Hkv, d]`` before rotary embedding,
+    with the per-head ``q_norm``/``k_norm`` of Qwen3-style attention when the layer has them."""
+    batch, length, _ = normed.shape
+    head_dim = attention.head_dim
+    query = attention.q_proj(normed).view(batch, length, -1, head_dim)
+    key = attention.k_proj(normed).view(batch, length, -1, head_dim)
+    if hasattr(attention, "q_norm"):
+        query, key = attention.q_norm(query), attention.k_norm(key)
+    return query, key
+
+
+def decoder_signals(layer, hidden_states, position_embeddings, token_valid, needs,
+                    query_key: Callable = standard_query_key) -> dict[str, torch.Tensor]:
     """Signals of a decoder layer's attention on its input ``hidden_states`` ``[B, L, D]``.
 
     ``query_attention`` ``[B, L]``: softmax attention of each row's last valid token over
@@ -64,18 +71,17 @@ def decoder_signals(layer, hidden_states, position_embeddings, token_valid, need
     token's key, mean over key heads (rotary embeddings do not change norms).
     """
     attention = layer.self_attn
-    head_dim = attention.head_dim
     normed = layer.input_layernorm(hidden_states)
     batch, length, _ = normed.shape
-    keys = attention.k_proj(normed).view(batch, length, -1, head_dim)  # [B, L, Hkv, d]
+    positions = torch.arange(length, device=normed.device)
+    last = torch.where(token_valid, positions, torch.full_like(positions, -1)).amax(1)  # [B]
+    rows = torch.arange(batch, device=normed.device)
+    queries, keys = query_key(attention, normed)
     signals = {}
     if "key_norms" in needs:
         signals["key_norms"] = keys.float().norm(dim=-1).mean(-1)
     if "query_attention" in needs:
-        positions = torch.arange(length, device=normed.device)
-        last = torch.where(token_valid, positions, torch.full_like(positions, -1)).amax(1)  # [B]
-        rows = torch.arange(batch, device=normed.device)
-        query = attention.q_proj(normed[rows, last]).view(batch, -1, head_dim).float()  # [B, H, d]
+        query = queries[rows, last].float()  # [B, H, d]
         cos, sin = (p.float() for p in position_embeddings)  # [B, L, d]
         query = query * cos[rows, last].unsqueeze(1) + _rotate_half(query) * sin[rows, last].unsqueeze(1)
         keys = keys.float()
@@ -89,11 +95,17 @@ def decoder_signals(layer, hidden_states, position_embeddings, token_valid, need
     return signals
 
 
-def install_layer_pruning(text_model, state: AttachedState, create_mask) -> None:
+def layer_type(text_model, index: int) -> str:
+    types = getattr(text_model.config, "layer_types", None)
+    return types[index] if types else "full_attention"
+
+
+def install_layer_pruning(text_model, state: AttachedState, create_masks: Callable,
+                          query_key: Callable = standard_query_key) -> None:
     """Wrap decoder layers ``K`` and later of ``text_model`` for ``state.method.prune_layer = K``.
 
-    ``create_mask(inputs_embeds, attention_mask_2d, cache, layer_idx)`` builds the mask the
-    family's layers expect for the compacted sequence.
+    ``create_masks(inputs_embeds, attention_mask_2d, cache, layer_idx)`` builds, per layer
+    type, the masks the family's layers expect for the compacted sequence.
     """
     method = state.method
     layer_index = method.prune_layer
@@ -109,7 +121,7 @@ def install_layer_pruning(text_model, state: AttachedState, create_mask) -> None
         if context is None or not context.prefill:
             return original(hidden_states, *args, **kwargs)
         signals = decoder_signals(pruning_layer, hidden_states, kwargs["position_embeddings"],
-                                  context.token_valid, method.needs)
+                                  context.token_valid, method.needs, query_key)
         output = original(hidden_states, *args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
         visual = gather_visual(hidden, context.visual_mask)
@@ -118,35 +130,29 @@ def install_layer_pruning(text_model, state: AttachedState, create_mask) -> None
             name: gather_sequence(value.unsqueeze(-1), visual.positions).squeeze(-1)
             for name, value in signals.items()
         })
-        with torch.no_grad():
-            keep_visual = method.select(tokens, budget).keep & visual.valid
-        check_budget(method, keep_visual, budget, visual.counts)
-        length = hidden.shape[1]
-        keep = (context.token_valid & ~context.visual_mask) | scatter_to_sequence(keep_visual, visual, length, False)
-        index, valid = compact_index(keep, pad_left=context.pad_left)
-        record = SelectionRecord(kept_indices(keep_visual, visual.valid), visual.counts, "hard", token_index=index,
-                                 token_valid=valid)
-        state.last = state.call_record = record
-        pruned = gather_sequence(hidden, index)
-        cos, sin = kwargs["position_embeddings"]
-        context.position_embeddings = (gather_sequence(cos, index), gather_sequence(sin, index))
-        context.compact_valid = valid
-        compact_mask = None if bool(valid.all()) else valid.long()
-        context.mask = create_mask(pruned, compact_mask, kwargs.get("past_key_values"), layer_index + 1)
+        _, _, compaction, record = choose(state, tokens, visual, budget, context.visual_mask, context.token_valid,
+                                          pad_left=context.pad_left)
+        state.call_record = record
+        pruned = compaction.apply(hidden)
+        context.position_embeddings = tuple(compaction.apply(table) for table in kwargs["position_embeddings"])
+        context.compaction = compaction
+        compact_mask = None if compaction.all_valid else compaction.mask()
+        context.masks = create_masks(pruned, compact_mask, kwargs.get("past_key_values"), layer_index + 1)
         context.cache = kwargs.get("past_key_values")
         context.active = True
         return (pruned,) + tuple(output[1:]) if isinstance(output, tuple) else pruned
 
     replace_forward(pruning_layer, pruning_forward, state)
-    for layer in layers[layer_index + 1:]:
-        replace_forward(layer, _pruned_layer_forward(layer.forward, state), state)
+    for index in range(layer_index + 1, len(layers)):
+        replace_forward(layers[index], _pruned_layer_forward(layers[index].forward, layer_type(text_model, index),
+                                                             state), state)
 
 
-def _pruned_layer_forward(original, state: AttachedState):
+def _pruned_layer_forward(original, kind: str, state: AttachedState):
     def forward(hidden_states, *args, **kwargs):
         context: LayerPruning | None = state.layer_pruning
         if context is not None and context.active:
-            kwargs["attention_mask"] = context.mask
+            kwargs["attention_mask"] = context.masks[kind]
             if context.position_embeddings is not None:
                 kwargs["position_embeddings"] = context.position_embeddings
         return original(hidden_states, *args, **kwargs)

@@ -53,10 +53,18 @@ def load_examples(path: str | Path, limit: int | None = None, *, image_folder: s
     return records
 
 
+def _vision_side(model):
+    """The model's adapter and its vision tower (data reaches a model only through its adapter)."""
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(model)
+    return adapter, adapter.vision_tower(adapter.core(model))
+
+
 def _encoder_fingerprint(model) -> str:
     """A short digest of the vision encoder's weights: cached features are only valid for them."""
     digest = hashlib.sha256()
-    for name, tensor in model.model.visual.state_dict().items():
+    for name, tensor in _vision_side(model)[1].state_dict().items():
         digest.update(name.encode())
         digest.update(tensor.detach().float().cpu().flatten()[:: max(1, tensor.numel() // 4096)].numpy().tobytes())
         digest.update(str(tuple(tensor.shape)).encode())
@@ -70,8 +78,11 @@ def _file_digest(path: Path) -> str:
 class FeatureCache:
     """The frozen vision encoder's output for every image of a list of examples.
 
-    ``features[i]`` holds example ``i``'s images as ``[tokens, D]`` tensors and ``grids[i]``
-    their ``image_grid_thw`` rows. Examples with videos are not cached (:meth:`covers`).
+    ``features[i]`` holds what the vision side made of example ``i``'s images, one item per
+    image (a ``[tokens, D]`` tensor, or what the family's adapter needs), and ``side_inputs[i]``
+    the image processor's other per-image outputs (``image_grid_thw``, ``image_sizes``, ...)
+    that the model still needs beside them, as a dict of stacked rows. Examples with
+    videos are not cached (:meth:`covers`).
 
     Args:
         model: a supported model; only its vision encoder runs.
@@ -86,7 +97,9 @@ class FeatureCache:
     def __init__(self, model, processor, examples: list[ConversationRecord], *,
                  directory: str | Path | None = None, batch_size: int = 32, progress: bool = True) -> None:
         self.examples = examples
-        key = hashlib.sha256(json.dumps([_encoder_fingerprint(model), type(processor.image_processor).__name__,
+        self.adapter = _vision_side(model)[0]
+        key = hashlib.sha256(json.dumps(["side-inputs", _encoder_fingerprint(model),
+                                         type(processor.image_processor).__name__,
                                          processor.image_processor.to_json_string()] + [
             [_file_digest(image) for image in e.images] for e in examples
         ]).encode()).hexdigest()[:20]
@@ -95,41 +108,40 @@ class FeatureCache:
             try:
                 saved = torch.load(path, weights_only=True)
                 if saved["key"] == key and len(saved["features"]) == len(examples):
-                    self.features, self.grids = saved["features"], saved["grids"]
+                    self.features, self.side_inputs = saved["features"], saved["side_inputs"]
                     return
             except Exception:  # a truncated or foreign file: recompute and overwrite it
                 pass
-        self.features, self.grids = self._encode(model, processor, batch_size, progress)
+        self.features, self.side_inputs = self._encode(model, processor, batch_size, progress)
         if path is not None:
             path.parent.mkdir(parents=True, exist_ok=True)
             temporary = path.with_suffix(".tmp")
-            torch.save({"key": key, "features": self.features, "grids": self.grids}, temporary)
+            torch.save({"key": key, "features": self.features, "side_inputs": self.side_inputs}, temporary)
             temporary.replace(path)
 
     def _encode(self, model, processor, batch_size: int, progress: bool):
         from tqdm.auto import tqdm
 
-        visual = model.model.visual
-        device = next(visual.parameters()).device
+        adapter, tower = _vision_side(model)
         jobs = [(i, image) for i, e in enumerate(self.examples) if not e.videos for image in e.images]
         features = [[] for _ in self.examples]
-        grids = [[] for _ in self.examples]
-        was_training = visual.training
-        visual.eval()
+        rows: list[dict[str, list]] = [{} for _ in self.examples]
+        was_training = tower.training
+        tower.eval()
         with torch.no_grad():
             for start in tqdm(range(0, len(jobs), batch_size), desc="encoding images", unit="batch",
                               disable=not progress):
                 chunk = jobs[start:start + batch_size]
                 images = [load_image(path, self.examples[i].where) for i, path in chunk]
                 pixels = processor.image_processor(images=images, return_tensors="pt")
-                grid = pixels["image_grid_thw"].to(device)
-                output = model.model.get_image_features(pixels["pixel_values"].to(device, visual.dtype), grid,
-                                                        return_dict=True)
-                for (i, _), tensor, row in zip(chunk, output.pooler_output, grid.cpu()):
-                    features[i].append(tensor.detach().clone())
-                    grids[i].append(row)
-        visual.train(was_training)
-        return features, [torch.stack(g) if g else torch.zeros(0, 3, dtype=torch.long) for g in grids]
+                side = {name: value for name, value in pixels.items()
+                        if name != "pixel_values" and torch.is_tensor(value) and value.shape[:1] == (len(chunk),)}
+                for position, ((i, _), item) in enumerate(zip(chunk, adapter.encode_images(model, pixels))):
+                    features[i].append(item)
+                    for name, value in side.items():
+                        rows[i].setdefault(name, []).append(value[position])
+        tower.train(was_training)
+        return features, [{name: torch.stack(values) for name, values in per.items()} for per in rows]
 
     def covers(self, index: int) -> bool:
         """Whether example ``index``'s visual input is cached (all its images, and no video)."""
@@ -155,6 +167,7 @@ class ExampleBatches:
     def __init__(self, examples: list[ConversationRecord], processor, *, batch_size: int,
                  cache: FeatureCache | None = None, with_answers: bool = False, shuffle_seed: int | None = None,
                  pixels: bool = False) -> None:
+        self.adapter = cache.adapter if cache is not None else None
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
         if cache is not None and cache.examples is not examples and len(cache) != len(examples):
@@ -197,7 +210,7 @@ class ExampleBatches:
         example = self.examples[index]
         if cached:
             if index not in self._encoded:
-                counts = [len(f) for f in self.cache.features[index]]
+                counts = [self.adapter.token_count(f) for f in self.cache.features[index]]
                 self._encoded[index] = encode_conversation(self.processor, self._messages(example),
                                                            visual_counts=counts,
                                                            generation_prompt=not self.with_answers)
@@ -213,12 +226,13 @@ class ExampleBatches:
         if not self.with_answers:
             batch.pop("labels")
         if cached:
-            batch["image_grid_thw"] = torch.cat([self.cache.grids[i] for i in indices])
             features = [f for i in indices for f in self.cache.features[i]]
             if features:
-                batch["mm_encoder_outputs"] = encoder_outputs(features)
-            else:
-                batch.pop("image_grid_thw")
+                batch["mm_encoder_outputs"] = self.adapter.encoder_outputs(features)
+                names = {name for i in indices for name in self.cache.side_inputs[i]}
+                for name in sorted(names):
+                    batch[name] = torch.cat([self.cache.side_inputs[i][name] for i in indices
+                                             if name in self.cache.side_inputs[i]])
         return batch
 
     def __iter__(self):

@@ -1,0 +1,388 @@
+"""The generic placeholder adapter: written once, specialised by one short file per family.
+
+Three instance-level wrappers, each around the original bound method (no forward is
+copied and no module of ``transformers`` is patched):
+
+* the multimodal core's ``forward``: remembers ``input_ids`` and the visual inputs of the
+  call (the text model only receives embeddings), checks them, and numbers decoding
+  steps the way the uncompressed model would when the caller passes no positions;
+* the text model's ``forward``: receives the full sequence with the visual features in
+  place; finds the visual tokens by their placeholder ids, selects, and applies one
+  :class:`~visionselector.adapters.compaction.Compaction` to embeddings, positions, mask
+  and the family's per-token extras (hard mode), or scales the visual tokens by the soft
+  mask (training); remembers the prefill and translates masks and positions of later
+  decoding steps to the compacted cache;
+* the generation model's ``forward``: the loss on the labels of the kept tokens, plus the
+  weighted selection loss in soft mode.
+
+A family file subclasses :class:`ModelAdapter` and supplies hooks: its classes, where
+the vision tower and text model are, the placeholder ids, the position strategy, how
+images are encoded, per-token extras, the query/key projection that in-LLM methods
+read and the encoder-attention probe.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import ClassVar
+
+import torch
+
+from .base import (
+    AttachedState,
+    HardSelection,
+    SelectionRecord,
+    SoftSelection,
+    decode_attention_mask,
+    remember_prefill,
+    replace_forward,
+    select_tokens,
+)
+from .compaction import Compaction
+from .layer_pruning import LayerPruning, install_layer_pruning, layer_type, standard_query_key
+from .positions import MRoPEPositions, PositionStrategy
+
+__all__ = ["ModelAdapter", "UncompressedLength"]
+
+
+class UncompressedLength:
+    """Stands in for a pruned cache where a model asks only for its length, so that it numbers
+    the next tokens as if the cache held the whole prompt."""
+
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.length
+
+
+class ModelAdapter:
+    """A model family, as hooks around the generic select-and-compact machinery."""
+
+    family: ClassVar[str] = ""  # the config.model_type this adapter serves
+    class_names: ClassVar[tuple[str, ...]] = ()  # (generation class, core class)
+    module: ClassVar[str] = ""  # transformers.models.<module>.modeling_<module>
+    positions: ClassVar[PositionStrategy] = MRoPEPositions()
+    visual_inputs: ClassVar[tuple[str, ...]] = ("pixel_values", "pixel_values_videos", "mm_encoder_outputs")
+
+    # ---- hooks: where things are -------------------------------------------------------
+
+    @classmethod
+    def classes(cls) -> tuple[type, ...]:
+        import importlib
+
+        modeling = importlib.import_module(f"transformers.models.{cls.module}.modeling_{cls.module}")
+        return tuple(getattr(modeling, name) for name in cls.class_names)
+
+    @classmethod
+    def supports(cls, model) -> bool:
+        return isinstance(model, cls.classes())
+
+    @classmethod
+    def core(cls, model):
+        """The multimodal model (vision tower, projector, text model) inside ``model``."""
+        return model.model if isinstance(model, cls.classes()[0]) else model
+
+    @classmethod
+    def text_model(cls, core):
+        return core.language_model
+
+    @classmethod
+    def vision_tower(cls, core):
+        return core.visual
+
+    @classmethod
+    def hidden_size(cls, model) -> int:
+        return int(model.config.text_config.hidden_size)
+
+    @classmethod
+    def placeholder_ids(cls, config) -> dict[str, int]:
+        """Modality -> the token id that stands for each of its visual tokens in ``input_ids``."""
+        return {"image": int(config.image_token_id), "video": int(config.video_token_id)}
+
+    # ---- hooks: inputs and outputs of the vision side -----------------------------------
+
+    @classmethod
+    def check_inputs(cls, model, input_ids: torch.Tensor, inputs: dict) -> None:
+        """Fail clearly when visual inputs do not fit the placeholders (optional)."""
+
+    @classmethod
+    def encode_images(cls, model, pixels: dict) -> list:
+        """The vision side's output for each image of ``pixels`` (the image processor's output)."""
+        raise NotImplementedError(f"{cls.family}: encoding images on their own is not supported")
+
+    @classmethod
+    def token_count(cls, encoded) -> int:
+        """Visual tokens of one item of :meth:`encode_images`."""
+        return len(encoded)
+
+    @classmethod
+    def encoder_outputs(cls, encoded: list) -> dict:
+        """The ``mm_encoder_outputs`` model argument for items of :meth:`encode_images`."""
+        from transformers.modeling_outputs import BaseModelOutputWithPooling
+
+        return {"image": BaseModelOutputWithPooling(pooler_output=tuple(encoded))}
+
+    @classmethod
+    def refusal(cls, method) -> str | None:
+        """Why ``method`` cannot run on this family, or ``None``."""
+        return None
+
+    @classmethod
+    def install_encoder_attention_probe(cls, core, state: AttachedState) -> None:
+        raise ValueError(f"method {state.method_name!r} needs the vision encoder's attention, which the "
+                         f"{cls.family} adapter does not read")
+
+    # ---- hooks: per-token extras and signals --------------------------------------------
+
+    @classmethod
+    def compact_extras(cls, kwargs: dict, compaction: Compaction, visual_mask: torch.Tensor) -> dict:
+        """Text-model keyword arguments that hold per-token tensors, restricted to the kept tokens."""
+        return kwargs
+
+    @classmethod
+    def scale_extras(cls, kwargs: dict, scale: torch.Tensor, visual_mask: torch.Tensor) -> dict:
+        """The same arguments in soft mode, each visual token's part scaled by ``scale`` ``[B, L]``."""
+        return kwargs
+
+    @classmethod
+    def segments(cls, state: AttachedState, token_ids, visual_mask, positions, inputs: dict):
+        """Each sample's visual blocks as ``(frames, height, width)`` token grids, in sequence order;
+        ``positions`` are the full positions, ``None`` where the caller passed none."""
+        raise ValueError(f"the {cls.family} adapter cannot lay out visual tokens in grids")
+
+    query_key = staticmethod(standard_query_key)
+
+    @classmethod
+    def decoding_positions(cls, core, input_ids, inputs_embeds, kwargs: dict, uncompressed_past: int):
+        """Positions the core would compute for a decoding step if its cache held the whole prompt;
+        ``None`` where the core leaves positions to the text model."""
+        return None
+
+    # ---- the generic machinery ------------------------------------------------------------
+
+    @classmethod
+    def visual_mask(cls, model, token_ids: torch.Tensor) -> torch.Tensor:
+        mask = torch.zeros_like(token_ids, dtype=torch.bool)
+        for token_id in cls.placeholder_ids(model.config).values():
+            mask |= token_ids == token_id
+        return mask
+
+    @classmethod
+    def patch(cls, model, state: AttachedState) -> None:
+        reason = cls.refusal(state.method)
+        if reason is not None:
+            raise ValueError(f"method {state.method_name!r} cannot run on {cls.family} models: {reason}")
+        core = cls.core(model)
+        text_model = cls.text_model(core)
+        strategy = cls.positions
+        core_forward, text_forward = core.forward, text_model.forward
+
+        def decoding_on_pruned_cache(cache) -> bool:
+            memory = state.prefill
+            return (cache is not None and memory is not None and memory.cache() is cache
+                    and cache.get_seq_length() > 0)
+
+        @functools.wraps(core_forward)
+        def model_forward(input_ids=None, *args, **kwargs):
+            inputs = {name: kwargs[name] for name in kwargs if kwargs[name] is not None and any(
+                name.startswith(prefix) for prefix in ("pixel_values", "image_", "video_", "mm_", "batch_num"))}
+            has_visual = any(name in inputs for name in cls.visual_inputs)
+            if input_ids is None and has_visual:
+                raise ValueError("visual token selection needs input_ids to locate the image/video placeholder "
+                                 "tokens; pass input_ids rather than inputs_embeds")
+            if input_ids is not None:
+                cls.check_inputs(model, input_ids, kwargs)
+            cache = kwargs.get("past_key_values")
+            if (has_visual and decoding_on_pruned_cache(cache)):
+                raise NotImplementedError("adding images to a cache whose visual tokens were pruned is not supported; "
+                                          "start a new conversation (a fresh cache) with all its images")
+            if kwargs.get("position_ids") is None and not has_visual and decoding_on_pruned_cache(cache):
+                memory = state.prefill
+                embeds = kwargs.get("inputs_embeds")
+                query_length = (embeds if embeds is not None else input_ids).shape[1]
+                uncompressed = memory.full_length + memory.appended(cache.get_seq_length())
+                positions = cls.decoding_positions(core, input_ids, embeds if embeds is not None else input_ids[..., None],
+                                                   kwargs, uncompressed)
+                if positions is not None:
+                    kwargs["position_ids"] = positions[..., -query_length:]
+            state.current_input_ids = input_ids
+            state.current_inputs = inputs
+            try:
+                return core_forward(input_ids, *args, **kwargs)
+            finally:
+                state.current_input_ids = None
+                state.current_inputs = {}
+
+        def create_masks(embeds, mask_2d, cache, layer_idx):
+            from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+
+            builders = {"full_attention": create_causal_mask, "sliding_attention": create_sliding_window_causal_mask}
+            masks = {}
+            for index in range(layer_idx, len(text_model.layers)):
+                kind = layer_type(text_model, index)
+                if kind not in masks:
+                    if kind not in builders:
+                        raise ValueError(f"pruning inside the language model does not support {kind!r} layers")
+                    masks[kind] = builders[kind](config=text_model.config, inputs_embeds=embeds,
+                                                 attention_mask=mask_2d, past_key_values=cache, layer_idx=index)
+            return masks
+
+        @functools.wraps(text_forward)
+        def text_model_forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
+                               inputs_embeds=None, use_cache=None, **kwargs):
+            def call(mask, positions, embeds, **extra):
+                return text_forward(input_ids=input_ids, attention_mask=mask, position_ids=positions,
+                                    past_key_values=past_key_values, inputs_embeds=embeds, use_cache=use_cache,
+                                    **{**kwargs, **extra})
+
+            token_ids = state.current_input_ids
+            if decoding_on_pruned_cache(past_key_values):
+                memory = state.prefill
+                past_length = past_key_values.get_seq_length()
+                query_length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+                batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
+                device = (inputs_embeds if inputs_embeds is not None else input_ids).device
+                positions = strategy.continuing(position_ids, memory.full_length + memory.appended(past_length),
+                                                query_length, batch, device)
+                mask = decode_attention_mask(state, attention_mask, past_length, query_length)
+                if memory.first_pruned_layer == 0:
+                    return call(mask, positions, inputs_embeds)
+                # Pruned inside the LLM: early layers keep the full mask, later ones get the compacted one.
+                context = LayerPruning(prefill=False, active=True)
+                context.masks = create_masks(inputs_embeds, mask, past_key_values, memory.first_pruned_layer)
+                state.layer_pruning = context
+                try:
+                    return call(attention_mask, positions, inputs_embeds)
+                finally:
+                    state.layer_pruning = None
+
+            if token_ids is None or inputs_embeds is None or token_ids.shape != inputs_embeds.shape[:2]:
+                return call(attention_mask, position_ids, inputs_embeds)
+            visual_mask = cls.visual_mask(model, token_ids)
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            if past_length > 0:
+                if bool(visual_mask.any()) and any(name in state.current_inputs for name in cls.visual_inputs):
+                    raise NotImplementedError(
+                        "visual token selection needs the images in the first forward of a cache (prefill)")
+                return call(attention_mask, position_ids, inputs_embeds)
+            if attention_mask is not None and not (torch.is_tensor(attention_mask) and attention_mask.ndim == 2):
+                raise NotImplementedError("visual token selection needs a 2-D attention mask (or none) at prefill")
+
+            batch, length = token_ids.shape
+            token_valid = (attention_mask.bool() if attention_mask is not None
+                           else torch.ones(batch, length, dtype=torch.bool, device=token_ids.device))
+            visual_mask = visual_mask & token_valid
+            state.prefill = None
+            if not bool(visual_mask.any()):
+                state.last = state.call_record = SelectionRecord(
+                    [visual_mask.new_zeros(0, dtype=torch.long)] * batch, visual_mask.sum(1), state.resolved_mode())
+                return call(attention_mask, position_ids, inputs_embeds)
+            right_padded = attention_mask is not None and bool((~token_valid[:, -1]).any())
+            prune_layer = state.method.prune_layer
+            if prune_layer is not None and state.retention < 1.0:
+                context = LayerPruning(prefill=True, visual_mask=visual_mask, token_valid=token_valid,
+                                       pad_left=not right_padded)
+                state.layer_pruning = context
+                try:
+                    outputs = call(attention_mask, position_ids, inputs_embeds)
+                finally:
+                    state.layer_pruning = None
+                remember_prefill(state, context.cache, length, context.compaction.valid, prune_layer + 1)
+                return outputs
+
+            positions = strategy.full(position_ids, batch, length, inputs_embeds.device)
+            inputs = state.current_inputs
+            selection = select_tokens(
+                state, inputs_embeds, visual_mask, token_valid, pad_left=not right_padded,
+                extras={
+                    "segments": lambda: cls.segments(state, token_ids, visual_mask,
+                                                     None if position_ids is None else positions, inputs),
+                    "encoder_attention": lambda: take_encoder_attention(cls, model, state, token_ids),
+                },
+            )
+            state.call_record = state.last
+            if selection is None:
+                return call(attention_mask, position_ids, inputs_embeds)
+            if isinstance(selection, SoftSelection):
+                extras = cls.scale_extras(kwargs, selection.scale, visual_mask)
+                return call(attention_mask, position_ids, inputs_embeds * selection.scale.unsqueeze(-1), **extras)
+
+            assert isinstance(selection, HardSelection)
+            compaction = selection.compaction
+            extras = cls.compact_extras(kwargs, compaction, visual_mask)
+            if compaction.all_valid and not strategy.explicit_mask:
+                compact_mask = None
+            else:
+                compact_mask = compaction.mask(attention_mask.dtype if attention_mask is not None else torch.long)
+            outputs = call(compact_mask, strategy.compact(positions, compaction), compaction.apply(selection.embeds),
+                           **extras)
+            remember_prefill(state, getattr(outputs, "past_key_values", None), length, compaction.valid)
+            return outputs
+
+        replace_forward(core, model_forward, state)
+        replace_forward(text_model, text_model_forward, state)
+        generation_class = cls.classes()[0]
+        if isinstance(model, generation_class):
+            replace_forward(model, labelled_forward(model, state), state)
+        if "encoder_attention" in state.method.needs:
+            cls.install_encoder_attention_probe(core, state)
+        if state.method.prune_layer is not None:
+            install_layer_pruning(text_model, state, create_masks, cls.query_key)
+
+
+def take_encoder_attention(adapter, model, state: AttachedState, token_ids) -> torch.Tensor:
+    """The recorded attention, placed at the visual tokens of the sequence ``[B, L]``."""
+    recorded, state.encoder_attention = state.encoder_attention, {}
+    scores = torch.zeros(token_ids.shape, dtype=torch.float32, device=token_ids.device)
+    for modality, token_id in adapter.placeholder_ids(model.config).items():
+        mask = token_ids == token_id
+        count = int(mask.sum())
+        if count == 0:
+            continue
+        values = recorded.get(modality)
+        if values is None or values.numel() != count:
+            found = "none" if values is None else values.numel()
+            raise RuntimeError(
+                f"encoder attention was recorded for {found} {modality} tokens but the batch has {count}; "
+                "it is recorded when the model encodes pixels (pixel_values / pixel_values_videos), "
+                "not for precomputed or expanded encoder outputs"
+            )
+        scores[mask] = values.to(scores.device)
+    return scores
+
+
+def labelled_forward(model, state: AttachedState):
+    """Outer forward: loss on the labels of the kept tokens, plus the selection loss."""
+    original = model.forward
+
+    @functools.wraps(original)
+    def forward(*args, labels=None, return_dict=None, **kwargs):
+        if len(args) > 5:
+            raise TypeError("pass labels and later arguments by keyword to a model with a visual token selector")
+        state.call_record = None
+        try:
+            outputs = original(*args, return_dict=True, **kwargs)
+            record = state.call_record
+        finally:
+            state.call_record = None
+        if labels is not None:
+            if record is not None and record.compaction is not None:
+                labels = record.compaction.apply_labels(labels.to(record.compaction.index.device))
+            loss_kwargs = {k: kwargs[k] for k in ("num_items_in_batch", "ignore_index") if k in kwargs}
+            language_loss = model.loss_function(
+                logits=outputs.logits, labels=labels, vocab_size=model.config.text_config.vocab_size, **loss_kwargs
+            )
+            loss = language_loss
+            state.last_losses = {"language": language_loss.detach()}
+            if record is not None and record.selection_loss is not None:
+                loss = loss + state.selection_loss_weight * record.selection_loss
+                state.last_losses.update(selection=record.selection_loss.detach(),
+                                         selection_weight=state.selection_loss_weight)
+            fields = {key: value for key, value in outputs.items() if key != "loss"}
+            outputs = type(outputs)(loss=loss, **fields)
+        if return_dict is False:
+            return outputs.to_tuple()
+        return outputs
+
+    return forward
