@@ -123,9 +123,16 @@ class ModelAdapter:
 
         return {"image": BaseModelOutputWithPooling(pooler_output=tuple(encoded))}
 
+    reads_encoder_attention: ClassVar[bool] = False  # implements install_encoder_attention_probe
+    lays_out_grids: ClassVar[bool] = False  # implements segments
+
     @classmethod
     def refusal(cls, method) -> str | None:
-        """Why ``method`` cannot run on this family, or ``None``."""
+        """Why ``method`` (a selection method class or instance) cannot run on this family, or ``None``."""
+        if "encoder_attention" in method.needs and not cls.reads_encoder_attention:
+            return "it reads the vision encoder's attention, which this family's adapter does not record"
+        if "segments" in method.needs and not cls.lays_out_grids:
+            return "it needs the visual tokens laid out in grids, which this family's adapter cannot say"
         return None
 
     @classmethod

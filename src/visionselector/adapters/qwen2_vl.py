@@ -23,6 +23,8 @@ class Qwen2VLAdapter(ModelAdapter):
     family = "qwen2_vl"
     module = "qwen2_vl"
     class_names = ("Qwen2VLForConditionalGeneration", "Qwen2VLModel")
+    reads_encoder_attention = True
+    lays_out_grids = True
 
     @classmethod
     def check_inputs(cls, model, input_ids, inputs) -> None:
