@@ -205,8 +205,10 @@ def test_bad_input_names_the_problem(checkpoint, data, tmp_path, capsys):
             ExampleBatches(load_examples(video), processor, batch_size=1)
     other = tmp_path / "other"
     other.mkdir()
-    (other / "config.json").write_text(json.dumps({"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}))
-    with pytest.raises(TypeError, match="llava.*supported classes: Qwen2_5_VLForConditionalGeneration"):
+    (other / "config.json").write_text(json.dumps({"model_type": "idefics3",
+                                                   "architectures": ["Idefics3ForConditionalGeneration"]}))
+    with pytest.raises(TypeError, match="idefics3.*supported classes: .*Qwen2_5_VLForConditionalGeneration.*"
+                                        "LlavaOnevisionForConditionalGeneration"):
         load_model(other)
     (tmp_path / "file").write_text("")
     assert main(["eval", "--model", str(checkpoint), "--data", str(data), "--methods", "random",

@@ -65,7 +65,9 @@ def _commands():
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="visionselector", description="Visual token selection for multimodal LLMs.")
     commands = parser.add_subparsers(dest="command", required=True)
-    commands.add_parser("methods", help="list the selection methods")
+    methods = commands.add_parser("methods", help="list the selection methods")
+    methods.add_argument("--matrix", action="store_true",
+                         help="print which method runs on which model family (Markdown), with the reasons")
     for name, (help_text, config_class, _) in _commands().items():
         _add_dataclass_arguments(commands.add_parser(name, help=help_text, description=help_text), config_class)
     return parser
@@ -79,6 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         from .methods import list_methods
         from .methods.base import get_method_class, method_options
 
+        if args.matrix:
+            from .adapters import support_matrix
+
+            print(support_matrix())
+            return 0
         for name, description in list_methods().items():
             options = ", ".join(f"{option}={default}" for option, default in method_options(get_method_class(name)).items()
                                 if default is not inspect.Parameter.empty)

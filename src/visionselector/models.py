@@ -19,8 +19,16 @@ import torch
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_model", "load_processor", "supports_video", "greedy_settings",
            "REFERENCE_MODEL"]
 
-# config.model_type -> the class that loads it; what `attach` supports.
-SUPPORTED_MODEL_TYPES = {"qwen2_5_vl": "Qwen2_5_VLForConditionalGeneration"}
+
+
+def supported_model_types() -> dict[str, str]:
+    """``config.model_type`` -> the class that loads it, for every family ``attach`` supports."""
+    from .adapters import ADAPTERS
+
+    return {name: adapter.class_names[0] for name, adapter in ADAPTERS.items()}
+
+
+SUPPORTED_MODEL_TYPES = supported_model_types()
 # The name under which commands take the shipped reference model.
 REFERENCE_MODEL = "reference"
 # Files a checkpoint's model and processor need; a hub id fetches only these.
@@ -99,8 +107,25 @@ def load_processor(source: str | os.PathLike):
     if chat_template is None:
         raise ValueError(f"{folder} has no chat template (chat_template.jinja, chat_template.json or in "
                          "tokenizer_config.json); prompts are built with the checkpoint's own template")
+    import inspect
+
+    # Settings the processor keeps beside its sub-processors (LLaVA's patch size, feature strategy).
+    accepted = inspect.signature(processor_class.__init__).parameters
+    settings = {key: value for key, value in _processor_settings(folder).items() if key in accepted}
+    if "video_processor" not in accepted:  # a family without videos needs no torchvision
+        return processor_class(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template,
+                               **settings)
     return _image_only(processor_class)(image_processor=image_processor, tokenizer=tokenizer,
-                                        chat_template=chat_template)
+                                        chat_template=chat_template, **settings)
+
+
+def _processor_settings(folder: Path) -> dict:
+    path = folder / "processor_config.json"
+    if not path.is_file():
+        return {}
+    settings = json.loads(path.read_text())
+    return {key: value for key, value in settings.items()
+            if key not in ("processor_class", "image_processor", "tokenizer", "video_processor", "chat_template")}
 
 
 def _processor_class_name(folder: Path, model_type: str) -> str:

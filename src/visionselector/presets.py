@@ -69,54 +69,92 @@ def tiny_qwen2_5_vl_config(*, text_layers: int = 2, hidden_size: int = 64, visio
     )
 
 
-# The published Qwen2.5-VL widths (config.json of the 3B and 7B instruct checkpoints).
+# Published widths (the config.json of each instruct checkpoint); weights are random.
 ARCHITECTURES = {
-    "qwen2.5-vl-3b": dict(hidden_size=2048, text_layers=36, heads=16, kv_heads=2, intermediate_size=11008,
-                          vocab_size=151936, tie_word_embeddings=True),
-    "qwen2.5-vl-7b": dict(hidden_size=3584, text_layers=28, heads=28, kv_heads=4, intermediate_size=18944,
-                          vocab_size=152064, tie_word_embeddings=False),
+    "qwen2.5-vl-3b": dict(family="qwen2_5_vl", hidden_size=2048, text_layers=36, heads=16, kv_heads=2,
+                          intermediate_size=11008, vocab_size=151936, tie_word_embeddings=True, vision_depth=32),
+    "qwen2.5-vl-7b": dict(family="qwen2_5_vl", hidden_size=3584, text_layers=28, heads=28, kv_heads=4,
+                          intermediate_size=18944, vocab_size=152064, tie_word_embeddings=False, vision_depth=32),
+    "qwen3-vl-8b": dict(family="qwen3_vl", hidden_size=4096, text_layers=36, heads=32, kv_heads=8, head_dim=128,
+                        intermediate_size=12288, vocab_size=151936, tie_word_embeddings=False, vision_depth=27),
+    "qwen3.5-27b": dict(family="qwen3_5", hidden_size=5120, text_layers=64, heads=24, kv_heads=4, head_dim=256,
+                        intermediate_size=17408, vocab_size=248320, tie_word_embeddings=False, vision_depth=27),
 }
 VISION_7B_3B = dict(vision_depth=32, vision_hidden=1280, vision_intermediate=3420, vision_heads=16,
                     fullatt_block_indexes=[7, 15, 23, 31])
+# The Qwen3 vision tower (SigLIP-2 sized, 16-pixel patches), shared by Qwen3-VL and Qwen3.5.
+VISION_QWEN3 = dict(depth=27, hidden_size=1152, intermediate_size=4304, num_heads=16, patch_size=16,
+                    spatial_merge_size=2, temporal_patch_size=2, num_position_embeddings=2304)
+TOKEN_IDS = dict(image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
+                 vision_end_token_id=VISION_END_ID)
 
 
 def architecture_config(name: str, *, text_layers: int | None = None, vision_layers: int | None = None,
                         attn_implementation: str = "sdpa"):
     """The config of a published architecture (random weights are enough to time it), optionally
-    keeping only the first ``text_layers`` decoder layers and ``vision_layers`` vision blocks
-    (the last kept vision block always uses full attention, as in the original)."""
-    from transformers import Qwen2_5_VLConfig
-
+    keeping only the first ``text_layers`` decoder layers and ``vision_layers`` vision blocks."""
     if name not in ARCHITECTURES:
         raise ValueError(f"unknown architecture {name!r}; known: {', '.join(sorted(ARCHITECTURES))}")
-    text = dict(ARCHITECTURES[name])
-    layers = text.pop("text_layers") if text_layers is None else text_layers
-    tie = text.pop("tie_word_embeddings")
-    depth = VISION_7B_3B["vision_depth"] if vision_layers is None else vision_layers
-    if not 1 <= layers <= ARCHITECTURES[name]["text_layers"] or not 1 <= depth <= VISION_7B_3B["vision_depth"]:
-        raise ValueError(f"{name} has {ARCHITECTURES[name]['text_layers']} decoder layers and "
-                         f"{VISION_7B_3B['vision_depth']} vision blocks; got {layers} and {depth}")
-    full_attention = [i for i in VISION_7B_3B["fullatt_block_indexes"] if i < depth - 1] + [depth - 1]
-    hidden = text.pop("hidden_size")
-    config = Qwen2_5_VLConfig(
-        text_config=dict(
-            vocab_size=text["vocab_size"], hidden_size=hidden, intermediate_size=text["intermediate_size"],
-            num_hidden_layers=layers, num_attention_heads=text["heads"], num_key_value_heads=text["kv_heads"],
-            max_position_embeddings=128000, bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID,
-            rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                             "mrope_section": _mrope_section(hidden // text["heads"])},
-        ),
-        vision_config=dict(
-            depth=depth, hidden_size=VISION_7B_3B["vision_hidden"], intermediate_size=VISION_7B_3B["vision_intermediate"],
-            num_heads=VISION_7B_3B["vision_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
-            window_size=112, out_hidden_size=hidden, fullatt_block_indexes=full_attention, tokens_per_second=2,
-        ),
-        image_token_id=IMAGE_ID, video_token_id=VIDEO_ID, vision_start_token_id=VISION_START_ID,
-        vision_end_token_id=VISION_END_ID, tie_word_embeddings=tie,
-    )
+    spec = ARCHITECTURES[name]
+    layers = spec["text_layers"] if text_layers is None else text_layers
+    depth = spec["vision_depth"] if vision_layers is None else vision_layers
+    if not 1 <= layers <= spec["text_layers"] or not 1 <= depth <= spec["vision_depth"]:
+        raise ValueError(f"{name} has {spec['text_layers']} decoder layers and {spec['vision_depth']} vision blocks; "
+                         f"got {layers} and {depth}")
+    text = dict(vocab_size=spec["vocab_size"], hidden_size=spec["hidden_size"],
+                intermediate_size=spec["intermediate_size"], num_hidden_layers=layers,
+                num_attention_heads=spec["heads"], num_key_value_heads=spec["kv_heads"],
+                bos_token_id=BOS_ID, eos_token_id=EOS_ID, pad_token_id=PAD_ID)
+    builder = {"qwen2_5_vl": _qwen2_5_vl_architecture, "qwen3_vl": _qwen3_vl_architecture,
+               "qwen3_5": _qwen3_5_architecture}[spec["family"]]
+    config = builder(spec, text, depth)
     for sub_config in (config, config.text_config, config.vision_config):
         sub_config._attn_implementation = attn_implementation
     return config
+
+
+def _qwen2_5_vl_architecture(spec, text, depth):
+    from transformers import Qwen2_5_VLConfig
+
+    # The last kept vision block always uses full attention, as in the original.
+    full_attention = [i for i in VISION_7B_3B["fullatt_block_indexes"] if i < depth - 1] + [depth - 1]
+    text.update(max_position_embeddings=128000, rope_parameters={
+        "rope_type": "default", "rope_theta": 1e6, "mrope_section": _mrope_section(spec["hidden_size"] // spec["heads"])})
+    return Qwen2_5_VLConfig(
+        text_config=text,
+        vision_config=dict(
+            depth=depth, hidden_size=VISION_7B_3B["vision_hidden"], intermediate_size=VISION_7B_3B["vision_intermediate"],
+            num_heads=VISION_7B_3B["vision_heads"], patch_size=14, spatial_merge_size=2, temporal_patch_size=2,
+            window_size=112, out_hidden_size=spec["hidden_size"], fullatt_block_indexes=full_attention,
+            tokens_per_second=2,
+        ),
+        tie_word_embeddings=spec["tie_word_embeddings"], **TOKEN_IDS,
+    )
+
+
+def _qwen3_vl_architecture(spec, text, depth):
+    from transformers import Qwen3VLConfig
+
+    text.update(head_dim=spec["head_dim"], max_position_embeddings=262144, rope_parameters={
+        "rope_type": "default", "rope_theta": 5e6, "mrope_section": [24, 20, 20], "mrope_interleaved": True})
+    # DeepStack taps the same blocks as the original (8, 16, 24), those that a shortened tower keeps.
+    deepstack = [i for i in (8, 16, 24) if i < depth] or [depth - 1]
+    vision = dict(VISION_QWEN3, depth=depth, out_hidden_size=spec["hidden_size"], deepstack_visual_indexes=deepstack)
+    return Qwen3VLConfig(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"],
+                         **TOKEN_IDS)
+
+
+def _qwen3_5_architecture(spec, text, depth):
+    from transformers import Qwen3_5Config
+
+    text.update(head_dim=spec["head_dim"], max_position_embeddings=262144, linear_num_key_heads=16,
+                linear_num_value_heads=48, linear_key_head_dim=128, linear_value_head_dim=128,
+                linear_conv_kernel_dim=4, rope_parameters={
+                    "rope_type": "default", "rope_theta": 1e7, "partial_rotary_factor": 0.25,
+                    "mrope_section": [11, 11, 10], "mrope_interleaved": True})
+    vision = dict(VISION_QWEN3, depth=depth, out_hidden_size=spec["hidden_size"])
+    return Qwen3_5Config(text_config=text, vision_config=vision, tie_word_embeddings=spec["tie_word_embeddings"],
+                         **TOKEN_IDS)
 
 
 def build_qwen2_5_vl(config=None, *, seed: int = 0, dtype: torch.dtype = torch.float32):

@@ -7,13 +7,19 @@ from __future__ import annotations
 
 from .base import AttachedState, SelectionRecord
 from .generic import ModelAdapter
+from .llava import LlavaAdapter
+from .llava_onevision import LlavaOnevisionAdapter
 from .qwen2_5_vl import Qwen2_5_VLAdapter
 from .qwen2_vl import Qwen2VLAdapter
+from .qwen3_5 import Qwen3_5Adapter, Qwen3_5MoeAdapter
+from .qwen3_vl import Qwen3VLAdapter, Qwen3VLMoeAdapter
 
-__all__ = ["ADAPTERS", "AttachedState", "ModelAdapter", "SelectionRecord", "find_adapter", "supported_classes"]
+__all__ = ["ADAPTERS", "AttachedState", "ModelAdapter", "SelectionRecord", "find_adapter", "supported_classes",
+           "support_matrix"]
 
 ADAPTERS: dict[str, type[ModelAdapter]] = {
-    adapter.family: adapter for adapter in (Qwen2VLAdapter, Qwen2_5_VLAdapter)
+    adapter.family: adapter for adapter in (Qwen2VLAdapter, Qwen2_5_VLAdapter, Qwen3VLAdapter, Qwen3VLMoeAdapter,
+                                            Qwen3_5Adapter, Qwen3_5MoeAdapter, LlavaAdapter, LlavaOnevisionAdapter)
 }
 
 
@@ -31,3 +37,39 @@ def find_adapter(model) -> type[ModelAdapter]:
             "supported classes: " + ", ".join(supported_classes())
         )
     return adapter
+
+
+# Families people ask for that transformers does not have yet, listed so the matrix says so.
+NOT_IN_TRANSFORMERS = {
+    "LLaVA-OneVision-1.5": "the paper's second model; its classes are not in transformers 5.23, so it cannot be "
+                           "loaded through the Auto classes yet",
+}
+
+
+def support_matrix() -> str:
+    """Which method runs on which family, as a Markdown table generated from the registries
+    (the README's copy is checked against it), with each refusal's reason below it."""
+    from ..methods import get_method_class, list_methods
+
+    methods = sorted(list_methods())
+    lines = ["| family (`config.model_type`) | classes | " + " | ".join(f"`{m}`" for m in methods) + " |",
+             "| --- | --- | " + " | ".join("---" for _ in methods) + " |"]
+    reasons: dict[str, int] = {}
+    for name, adapter in ADAPTERS.items():
+        cells = []
+        for method in methods:
+            reason = adapter.refusal(get_method_class(method))
+            if reason is None:
+                cells.append("yes")
+            else:
+                number = reasons.setdefault(f"{reason}", len(reasons) + 1)
+                cells.append(f"no ({number})")
+        classes = ", ".join(f"`{c}`" for c in adapter.class_names)
+        lines.append(f"| `{name}` | {classes} | " + " | ".join(cells) + " |")
+    for model, why in NOT_IN_TRANSFORMERS.items():
+        lines.append(f"| {model} | not in transformers | " + " | ".join("-" for _ in methods) + " |")
+    lines.append("")
+    lines += [f"- ({number}) {reason}." for reason, number in reasons.items()]
+    for model, why in NOT_IN_TRANSFORMERS.items():
+        lines.append(f"- {model}: {why}.")
+    return "\n".join(lines)

@@ -112,6 +112,16 @@ class ModelAdapter:
         raise NotImplementedError(f"{cls.family}: encoding images on their own is not supported")
 
     @classmethod
+    def image_grid(cls, model, batch: dict) -> tuple[int, int]:
+        """``(rows, columns)`` of the visual tokens of a one-image batch, row-major (for pictures)."""
+        raise ValueError(f"the {cls.family} adapter cannot lay an image's tokens on one grid")
+
+    @classmethod
+    def run_vision(cls, model, batch: dict) -> None:
+        """Run the vision side on a batch's visual inputs and drop the result (benchmarks time it)."""
+        raise NotImplementedError(f"{cls.family}: running the vision side on its own is not supported")
+
+    @classmethod
     def token_count(cls, encoded) -> int:
         """Visual tokens of one item of :meth:`encode_images`."""
         return len(encoded)
@@ -124,6 +134,7 @@ class ModelAdapter:
         return {"image": BaseModelOutputWithPooling(pooler_output=tuple(encoded))}
 
     reads_encoder_attention: ClassVar[bool] = False  # implements install_encoder_attention_probe
+    images_encode_alone: ClassVar[bool] = True  # an image's features do not depend on the sample's other images
     lays_out_grids: ClassVar[bool] = False  # implements segments
 
     @classmethod

@@ -120,7 +120,10 @@ def install_layer_pruning(text_model, state: AttachedState, create_masks: Callab
         context: LayerPruning | None = state.layer_pruning
         if context is None or not context.prefill:
             return original(hidden_states, *args, **kwargs)
-        signals = decoder_signals(pruning_layer, hidden_states, kwargs["position_embeddings"],
+        # Text models that number the tokens themselves (1-D, no position_ids) share one table across the batch.
+        batch = hidden_states.shape[0]
+        tables = tuple(table.expand(batch, *table.shape[1:]) for table in kwargs["position_embeddings"])
+        signals = decoder_signals(pruning_layer, hidden_states, tables,
                                   context.token_valid, method.needs, query_key)
         output = original(hidden_states, *args, **kwargs)
         hidden = output[0] if isinstance(output, tuple) else output
@@ -134,7 +137,7 @@ def install_layer_pruning(text_model, state: AttachedState, create_masks: Callab
                                           pad_left=context.pad_left)
         state.call_record = record
         pruned = compaction.apply(hidden)
-        context.position_embeddings = tuple(compaction.apply(table) for table in kwargs["position_embeddings"])
+        context.position_embeddings = tuple(compaction.apply(table) for table in tables)
         context.compaction = compaction
         compact_mask = None if compaction.all_valid else compaction.mask()
         context.masks = create_masks(pruned, compact_mask, kwargs.get("past_key_values"), layer_index + 1)

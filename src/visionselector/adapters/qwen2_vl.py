@@ -54,6 +54,20 @@ class Qwen2VLAdapter(ModelAdapter):
         return [tensor.detach().clone() for tensor in output.pooler_output]
 
     @classmethod
+    def image_grid(cls, model, batch: dict) -> tuple[int, int]:
+        _, height, width = (int(v) for v in batch["image_grid_thw"][0])
+        merge = int(model.config.vision_config.spatial_merge_size)
+        return height // merge, width // merge
+
+    @classmethod
+    def run_vision(cls, model, batch: dict) -> None:
+        core = cls.core(model)
+        if "pixel_values" in batch:
+            core.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
+        if "pixel_values_videos" in batch:
+            core.get_video_features(batch["pixel_values_videos"], batch["video_grid_thw"])
+
+    @classmethod
     def segments(cls, state, token_ids, visual_mask, positions, inputs):
         return cls.positions.segments(token_ids, visual_mask, positions)
 

@@ -123,7 +123,8 @@ class FeatureCache:
         from tqdm.auto import tqdm
 
         adapter, tower = _vision_side(model)
-        jobs = [(i, image) for i, e in enumerate(self.examples) if not e.videos for image in e.images]
+        jobs = [(i, image) for i, e in enumerate(self.examples) if not e.videos
+                and (adapter.images_encode_alone or len(e.images) <= 1) for image in e.images]
         features = [[] for _ in self.examples]
         rows: list[dict[str, list]] = [{} for _ in self.examples]
         was_training = tower.training
@@ -146,7 +147,8 @@ class FeatureCache:
     def covers(self, index: int) -> bool:
         """Whether example ``index``'s visual input is cached (all its images, and no video)."""
         example = self.examples[index]
-        return not example.videos and len(self.features[index]) == len(example.images)
+        alone = self.adapter.images_encode_alone or len(example.images) <= 1
+        return alone and not example.videos and len(self.features[index]) == len(example.images)
 
     def __len__(self) -> int:
         return len(self.features)

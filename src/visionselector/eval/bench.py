@@ -85,21 +85,23 @@ def _resolve(config: BenchConfig):
 
 def build_model(config: BenchConfig, device, dtype):
     """The model to time and a sentence saying what it is."""
-    from transformers import Qwen2_5_VLForConditionalGeneration
-
+    from ..adapters import ADAPTERS
+    from ..adapters.positions import MRoPEPositions
     from ..presets import ARCHITECTURES, architecture_config
 
     if config.model in ARCHITECTURES:
+        spec = ARCHITECTURES[config.model]
         model_config = architecture_config(config.model, text_layers=config.text_layers,
                                            vision_layers=config.vision_layers, attn_implementation=config.attn)
         from transformers.initialization import no_init_weights
 
+        generation_class = ADAPTERS[spec["family"]].classes()[0]
         with torch.device(device), no_init_weights():
-            model = Qwen2_5_VLForConditionalGeneration._from_config(model_config, dtype=dtype)
+            model = generation_class._from_config(model_config, dtype=dtype)
         _fill_weights(model, config.seed)
-        full = ARCHITECTURES[config.model]["text_layers"]
         description = (f"{config.model} widths with random weights, {model_config.text_config.num_hidden_layers} of "
-                       f"{full} decoder layers and {model_config.vision_config.depth} of 32 vision blocks")
+                       f"{spec['text_layers']} decoder layers and {model_config.vision_config.depth} of "
+                       f"{spec['vision_depth']} vision blocks")
     else:
         from ..models import load_model
 
@@ -111,6 +113,10 @@ def build_model(config: BenchConfig, device, dtype):
             raise ValueError(f"model must be an architecture preset ({known}), 'reference', a checkpoint folder or "
                              f"a hub id: {error}") from None
         description = f"checkpoint {config.model}"
+    if not isinstance(ADAPTERS[model.config.model_type].positions, MRoPEPositions):
+        raise ValueError(f"bench builds Qwen-style synthetic inputs (M-RoPE families: "
+                         f"{', '.join(n for n, a in ADAPTERS.items() if isinstance(a.positions, MRoPEPositions))}); "
+                         f"{config.model} is a {model.config.model_type} model")
     return model.eval(), description
 
 
@@ -146,7 +152,10 @@ def build_inputs(model, config: BenchConfig, device):
     else:
         spec = SampleSpec(images=[(grid, grid)], prefix=prefix, suffix=config.prompt_tokens - prefix)
     batch = synthetic_batch(model.config, [spec] * config.batch_size, seed=config.seed, device=device)
-    dtype = model.model.visual.dtype
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(model)
+    dtype = adapter.vision_tower(adapter.core(model)).dtype
     for key in ("pixel_values", "pixel_values_videos"):
         if key in batch:
             batch[key] = batch[key].to(dtype)
@@ -190,6 +199,12 @@ def _flops_by_part(model, run) -> dict:
         run()
     counts = {name: sum(per_op.values()) for name, per_op in counter.get_flop_counts().items()}
     root = type(model).__name__
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(model)
+    core = adapter.core(model)
+    names = {id(module): name for name, module in model.named_modules()}
+    vision, text = names[id(adapter.vision_tower(core))], names[id(adapter.text_model(core))]
 
     def part(*suffixes):
         # Sum the outermost modules recorded under each prefix: a module called directly
@@ -205,30 +220,28 @@ def _flops_by_part(model, run) -> dict:
     scorer = part("visual_token_selector")
     return {
         "total": counts.get("Global", 0),
-        "vision_encoder": part("model.visual"),
+        "vision_encoder": part(vision),
         "scorer": scorer,
         # The scorer runs inside the language model's (wrapped) forward; count it once.
-        "language_model": part("model.language_model", "lm_head") - scorer,
+        "language_model": part(text, "lm_head") - scorer,
     }
 
 
 def _limit_runner(model, batch, kept_per_sample: int, text_tokens: int, device, dtype):
     """Encoder on the whole image, then the language model on ``text + kept`` random embeddings."""
-    core = model.model
+    from ..adapters import find_adapter
+
+    adapter = find_adapter(model)
+    text_model = adapter.text_model(adapter.core(model))
     length = text_tokens + kept_per_sample
     generator = torch.Generator(device="cpu").manual_seed(1)
     embeds = torch.randn(batch["input_ids"].shape[0], length, model.config.text_config.hidden_size,
                          generator=generator).to(device=device, dtype=dtype)
-    image_inputs = {k: batch[k] for k in ("pixel_values", "image_grid_thw") if k in batch}
-    video_inputs = {k: batch[k] for k in ("pixel_values_videos", "video_grid_thw") if k in batch}
 
     def run():
         with torch.no_grad():
-            if image_inputs:
-                core.get_image_features(image_inputs["pixel_values"], image_inputs["image_grid_thw"])
-            if video_inputs:
-                core.get_video_features(video_inputs["pixel_values_videos"], video_inputs["video_grid_thw"])
-            hidden = core.language_model(inputs_embeds=embeds, use_cache=True).last_hidden_state
+            adapter.run_vision(model, batch)
+            hidden = text_model(inputs_embeds=embeds, use_cache=True).last_hidden_state
             model.lm_head(hidden[:, -1:])
 
     return run
@@ -326,7 +339,7 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
                 variant.flops = _flops_by_part(model, prefill)
                 variant.kv_cache_mib = _cache_mib(prefill().past_key_values)
                 variant.tokens_kept = statistics.mean(len(s) for s in vs.last_selection(model))
-                variant.attn_while_attached = model.model.language_model.config._attn_implementation
+                variant.attn_while_attached = model.config.text_config._attn_implementation
 
     records = _records(baseline, variants, limits, visual_per_sample)
     report = {

@@ -68,9 +68,9 @@ def show_selection(model, processor, image, messages: list[dict], *, method: str
     tokenizer = processor.tokenizer
     batch = collate([sample], tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
     batch.pop("labels")
-    grid = batch["image_grid_thw"][0]
-    merge = int(model.config.vision_config.spatial_merge_size)
-    shape = (int(grid[1]) // merge, int(grid[2]) // merge)
+    from ..adapters import find_adapter
+
+    shape = find_adapter(model).image_grid(model, batch)
     options = {"selector": selector} if selector is not None else {}
     device = model.get_input_embeddings().weight.device
     with vs.attached(model, method=method, retention=retention, **options):
