@@ -85,3 +85,20 @@ def test_synthetic_prompts_use_only_the_models_own_ordinary_token_ids(tmp_path):
                                    repeats=1, warmup=0, new_tokens=2, out=str(tmp_path / "out")),
                        print_fn=lambda *_: None)
     assert {r["retention"] for r in result["records"] if r["method"] == "random"} == {1.0, 0.5}
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen3-vl-8b", "qwen3.5-27b"])
+def test_presets_carry_the_published_widths_of_their_family(name):
+    from visionselector.adapters import ADAPTERS
+    from visionselector.presets import ARCHITECTURES, architecture_config
+
+    spec = ARCHITECTURES[name]
+    config = architecture_config(name, text_layers=2, vision_layers=2)
+    assert config.model_type == spec["family"] and spec["family"] in ADAPTERS
+    text = config.text_config
+    assert (text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.intermediate_size,
+            text.vocab_size, text.num_hidden_layers) == (spec["hidden_size"], spec["heads"], spec["kv_heads"],
+                                                         spec["intermediate_size"], spec["vocab_size"], 2)
+    assert config.vision_config.depth == 2 and config.vision_config.out_hidden_size == spec["hidden_size"]
+    with pytest.raises(ValueError, match=f"{name} has {spec['text_layers']} decoder layers"):
+        architecture_config(name, text_layers=spec["text_layers"] + 1)

@@ -35,8 +35,8 @@ class BenchConfig:
     """Settings of ``visionselector bench``."""
 
     model: str = field(default="qwen2.5-vl-7b", metadata={
-        "help": "architecture preset (qwen2.5-vl-3b, qwen2.5-vl-7b: real widths, random weights), 'reference', a checkpoint "
-                "folder or a hub id"})
+        "help": "architecture preset (qwen2.5-vl-3b, qwen2.5-vl-7b, qwen3-vl-8b, qwen3.5-27b: published widths, random "
+                "weights), 'reference', a Qwen-family checkpoint folder or a hub id"})
     text_layers: int | None = field(default=None, metadata={"help": "keep only the first N decoder layers (presets)"})
     vision_layers: int | None = field(default=None, metadata={"help": "keep only the first N vision blocks (presets)"})
     methods: tuple[str, ...] = field(default=("visionselector",), metadata={"help": "methods to time"})
@@ -265,8 +265,9 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
     device, dtype = _resolve(config)
     model, description = build_model(config, device, dtype)
     batch = build_inputs(model, config, device)
-    visual_ids = (model.config.image_token_id, model.config.video_token_id)
-    visual_per_sample = int(((batch["input_ids"][0] == visual_ids[0]) | (batch["input_ids"][0] == visual_ids[1])).sum())
+    from ..adapters import find_adapter
+
+    visual_per_sample = int(find_adapter(model).visual_mask(model, batch["input_ids"][:1]).sum())
     text_tokens = batch["input_ids"].shape[1] - visual_per_sample
     for method in config.methods:  # fail now, not after minutes of timing, if a method cannot attach
         with vs.attached(model, method=method, retention=retentions[0]):
