@@ -46,12 +46,16 @@ class Qwen2VLAdapter(ModelAdapter):
                     "model's processor")
 
     @classmethod
-    def encode_images(cls, model, pixels: dict) -> list:
+    def image_features(cls, model, pixels: dict):
+        """The core's ``get_image_features`` output for the image processor's ``pixels``."""
         core, tower = cls.core(model), cls.vision_tower(cls.core(model))
         device = next(tower.parameters()).device
-        output = core.get_image_features(pixels["pixel_values"].to(device, tower.dtype),
-                                         pixels["image_grid_thw"].to(device), return_dict=True)
-        return [tensor.detach().clone() for tensor in output.pooler_output]
+        return core.get_image_features(pixels["pixel_values"].to(device, tower.dtype),
+                                       pixels["image_grid_thw"].to(device), return_dict=True)
+
+    @classmethod
+    def encode_images(cls, model, pixels: dict) -> list:
+        return [tensor.detach().clone() for tensor in cls.image_features(model, pixels).pooler_output]
 
     @classmethod
     def image_grid(cls, model, batch: dict) -> tuple[int, int]:

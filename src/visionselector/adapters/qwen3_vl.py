@@ -33,10 +33,7 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
 
     @classmethod
     def encode_images(cls, model, pixels: dict) -> list:
-        core, tower = cls.core(model), cls.vision_tower(cls.core(model))
-        device = next(tower.parameters()).device
-        output = core.get_image_features(pixels["pixel_values"].to(device, tower.dtype),
-                                         pixels["image_grid_thw"].to(device), return_dict=True)
+        output = cls.image_features(model, pixels)
         return [torch.stack([features, *(layer[image] for layer in output.deepstack_features)]).detach().clone()
                 for image, features in enumerate(output.pooler_output)]
 
