@@ -67,17 +67,19 @@ class Compaction:
         """The 2-D attention mask ``[B, L']`` of the compacted batch."""
         return self.valid.to(dtype)
 
-    def apply_flat(self, rows: torch.Tensor, where: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Restrict a flat per-token tensor to the kept tokens.
+    def apply_flat(self, rows: list[torch.Tensor], where: torch.Tensor) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Restrict flat per-token tensors to the kept tokens.
 
-        ``rows`` ``[M, ...]`` holds one row per True entry of ``where`` ``BoolTensor[B, L]``, in
-        row-major order (how ``hidden[where] += rows`` consumes it). Returns the rows of the
-        kept tokens and their mask ``[B, L']`` over the compacted batch, in the same
+        Each of ``rows`` ``[M, ...]`` holds one row per True entry of ``where`` ``BoolTensor[B, L]``,
+        in row-major order (how ``hidden[where] += rows`` consumes it). Returns the rows of the
+        kept tokens, and their mask ``[B, L']`` over the compacted batch, in the same
         correspondence.
         """
         where = where.to(self.index.device)
-        if rows.shape[0] != int(where.sum()):
-            raise ValueError(f"{rows.shape[0]} rows for {int(where.sum())} marked tokens")
+        count = int(where.sum())
+        for tensor in rows:
+            if tensor.shape[0] != count:
+                raise ValueError(f"{tensor.shape[0]} rows for {count} marked tokens")
         survives = self.kept()[where]
         compact_where = self.apply(where) & self.valid
-        return rows[survives.to(rows.device)], compact_where
+        return [tensor[survives.to(tensor.device)] for tensor in rows], compact_where

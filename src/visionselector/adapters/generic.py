@@ -212,18 +212,19 @@ class ModelAdapter:
             if input_ids is not None:
                 cls.check_inputs(model, input_ids, kwargs)
             cache = kwargs.get("past_key_values")
-            if (has_visual and decoding_on_pruned_cache(cache)):
-                raise NotImplementedError("adding images to a cache whose visual tokens were pruned is not supported; "
-                                          "start a new conversation (a fresh cache) with all its images")
-            if kwargs.get("position_ids") is None and not has_visual and decoding_on_pruned_cache(cache):
-                memory = state.prefill
-                embeds = kwargs.get("inputs_embeds")
-                query_length = (embeds if embeds is not None else input_ids).shape[1]
-                uncompressed = memory.full_length + memory.appended(cache.get_seq_length())
-                positions = cls.decoding_positions(core, input_ids, embeds if embeds is not None else input_ids[..., None],
-                                                   kwargs, uncompressed)
-                if positions is not None:
-                    kwargs["position_ids"] = positions[..., -query_length:]
+            if decoding_on_pruned_cache(cache):
+                if has_visual:
+                    raise NotImplementedError("adding images to a cache whose visual tokens were pruned is not "
+                                              "supported; start a new conversation (a fresh cache) with all its images")
+                if kwargs.get("position_ids") is None:
+                    memory = state.prefill
+                    tokens = kwargs.get("inputs_embeds")
+                    # Only the shape [B, q, ...] and device of the embeddings are read.
+                    tokens = tokens if tokens is not None else input_ids[..., None]
+                    uncompressed = memory.full_length + memory.appended(cache.get_seq_length())
+                    positions = cls.decoding_positions(core, input_ids, tokens, kwargs, uncompressed)
+                    if positions is not None:
+                        kwargs["position_ids"] = positions[..., -tokens.shape[1]:]
             state.current_input_ids = input_ids
             state.current_inputs = inputs
             try:

@@ -57,11 +57,8 @@ class Qwen3VLAdapter(Qwen2VLAdapter):
         where, rows = kwargs.get("visual_pos_masks"), kwargs.get("deepstack_visual_embeds")
         if where is None or rows is None:
             return kwargs
-        restricted = [compaction.apply_flat(layer, where) for layer in rows]
-        compact_where = (restricted[0][1] if restricted
-                         else compaction.apply(where.to(compaction.index.device)) & compaction.valid)
-        return {**kwargs, "visual_pos_masks": compact_where,
-                "deepstack_visual_embeds": [layer for layer, _ in restricted]}
+        restricted, compact_where = compaction.apply_flat(list(rows), where)
+        return {**kwargs, "visual_pos_masks": compact_where, "deepstack_visual_embeds": restricted}
 
     @classmethod
     def scale_extras(cls, kwargs: dict, scale: torch.Tensor, visual_mask) -> dict:
@@ -88,7 +85,7 @@ def install_deepstack_after_pruning(text_model, state: AttachedState) -> None:
         context = state.layer_pruning
         if (context is not None and context.prefill and context.compaction is not None
                 and visual_pos_masks.shape[1] == context.compaction.length):
-            visual_embeds, visual_pos_masks = context.compaction.apply_flat(visual_embeds, visual_pos_masks)
+            (visual_embeds,), visual_pos_masks = context.compaction.apply_flat([visual_embeds], visual_pos_masks)
         return original(hidden_states, visual_pos_masks, visual_embeds)
 
     replace_method(text_model, "_deepstack_process", deepstack_process, state)

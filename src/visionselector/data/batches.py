@@ -20,15 +20,7 @@ import torch
 from .conversations import ConversationRecord, read_conversations
 from .encoding import collate, encode_conversation
 
-__all__ = ["load_examples", "load_image", "FeatureCache", "ExampleBatches", "encoder_outputs"]
-
-
-def encoder_outputs(features: list[torch.Tensor]) -> dict:
-    """The ``mm_encoder_outputs`` model argument for already-encoded images: one ``(tokens, D)``
-    tensor per image, in the batch's order, standing in for the vision encoder's output."""
-    from transformers.modeling_outputs import BaseModelOutputWithPooling
-
-    return {"image": BaseModelOutputWithPooling(pooler_output=tuple(features))}
+__all__ = ["load_examples", "load_image", "FeatureCache", "ExampleBatches"]
 
 
 def load_image(path: Path, where: str = ""):

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from ..data.batches import encoder_outputs
+from ..adapters.qwen2_5_vl import Qwen2_5_VLAdapter
 from ..data.encoding import collate, encode_conversation
 from ..training import cosine_with_warmup
 from .model import reference_tokenizer, write_processor_files
@@ -516,7 +516,7 @@ class EncodedSamples:
         batch = collate([encode_conversation(self.processor, question_messages(t), visual_counts=[tokens])
                          for t in turns], self.processor.tokenizer.pad_token_id, padding_side="right")
         batch["image_grid_thw"] = torch.tensor([self.grid] * len(indices))
-        batch["mm_encoder_outputs"] = encoder_outputs([self.features[i].float() for i in indices])
+        batch["mm_encoder_outputs"] = Qwen2_5_VLAdapter.encoder_outputs([self.features[i].float() for i in indices])
         return batch
 
 
