@@ -8,7 +8,6 @@ the visual tokens by the differentiable mask. It never knows which method chose.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -20,7 +19,7 @@ from ..ops.sequence import compact_index, gather_sequence
 from ..ops.topk import hard_topk, soft_topk, token_budget
 from .compaction import Compaction
 
-__all__ = ["AttachedState", "SelectionRecord", "PrefillMemory", "VisualBatch", "choose", "select_tokens"]
+__all__ = ["AttachedState", "SelectionRecord", "PrefillMemory", "pruned_prompt", "VisualBatch", "choose", "select_tokens"]
 
 MODES = ("auto", "hard", "soft")
 
@@ -54,9 +53,13 @@ class SelectionRecord:
 
 @dataclass
 class PrefillMemory:
-    """What decoding steps need to translate full-length masks to the compacted cache."""
+    """What decoding steps need to translate full-length masks to the compacted cache.
 
-    cache: Callable[[], Any]
+    It lives on the cache object itself (:func:`remember_prefill`), so that it follows the
+    cache wherever the cache goes: a copy (``copy.deepcopy(prompt_cache)``, to branch a
+    conversation) carries it, and a cache the model never pruned has none.
+    """
+
     full_length: int
     compact_length: int
     compact_mask: torch.Tensor  # BoolTensor[B, compact_length]
@@ -66,6 +69,10 @@ class PrefillMemory:
     def appended(self, past_length: int) -> int:
         """Tokens added after the prompt, given the cache length of layer 0."""
         return past_length - (self.compact_length if self.first_pruned_layer == 0 else self.full_length)
+
+    def uncompressed(self, past_length: int) -> int:
+        """How many tokens the cache would hold without pruning, given the cache length of layer 0."""
+        return self.full_length + self.appended(past_length)
 
 
 @dataclass
@@ -81,10 +88,10 @@ class AttachedState:
     training_retention: float | None = None
     last: SelectionRecord | None = None
     call_record: SelectionRecord | None = None
-    prefill: PrefillMemory | None = None
     last_losses: dict = field(default_factory=dict)
     restore: list = field(default_factory=list)  # callables that undo each patch, in order of patching
-    encoder_attention: dict = field(default_factory=dict)  # modality -> per-token attention received
+    # modality -> recent encodings as (features [n, D], attention each token received [n])
+    encoder_attention: dict = field(default_factory=dict)
     layer_pruning: Any = None  # the per-call context of pruning inside the language model
     current_input_ids: torch.Tensor | None = None
     current_inputs: dict = field(default_factory=dict)  # the visual keyword arguments of the running call
@@ -251,18 +258,40 @@ def check_budget(method: SelectionMethod, keep: torch.Tensor, budget: torch.Tens
         raise RuntimeError(f"method {method.name!r} kept {kept.tolist()} visual tokens for budgets {budget.tolist()}")
 
 
-def remember_prefill(state: AttachedState, cache, full_length: int, compact_valid: torch.Tensor,
-                     first_pruned_layer: int = 0) -> None:
-    """Keep what decoding steps on ``cache`` need; forget it when there is no cache."""
-    if cache is None:
-        state.prefill = None
-        return
-    state.prefill = PrefillMemory(weakref.ref(cache), full_length, compact_valid.shape[1], compact_valid,
-                                  first_pruned_layer)
+# The attribute of a cache object that holds its PrefillMemory.
+CACHE_ATTRIBUTE = "visionselector_pruned_prompt"
+
+
+def remember_prefill(cache, full_length: int, compact_valid: torch.Tensor, first_pruned_layer: int = 0) -> None:
+    """Note on ``cache`` that it holds a pruned prompt of ``full_length`` tokens (``compact_valid`` ``[B, L']``)."""
+    if cache is not None:
+        setattr(cache, CACHE_ATTRIBUTE, PrefillMemory(full_length, compact_valid.shape[1], compact_valid,
+                                                      first_pruned_layer))
+
+
+def forget_prefill(cache) -> None:
+    if cache is not None and CACHE_ATTRIBUTE in getattr(cache, "__dict__", {}):
+        delattr(cache, CACHE_ATTRIBUTE)
+
+
+def pruned_prompt(cache) -> PrefillMemory | None:
+    """The memory of the pruned prompt ``cache`` holds; ``None`` when it holds none (or nothing at all)."""
+    memory = getattr(cache, CACHE_ATTRIBUTE, None) if cache is not None else None
+    if memory is None:
+        return None
+    past_length = cache.get_seq_length()
+    if past_length == 0:
+        return None
+    base = memory.compact_length if memory.first_pruned_layer == 0 else memory.full_length
+    if past_length < base:
+        raise ValueError(f"the cache holds {past_length} tokens, fewer than the {base} of its pruned prompt: it was "
+                         "cropped into the prompt, whose visual tokens cannot be restored; start from the prompt "
+                         "again (a fresh cache)")
+    return memory
 
 
 def decode_attention_mask(
-    state: AttachedState, attention_mask: torch.Tensor | None, past_length: int, query_length: int
+    memory: PrefillMemory, attention_mask: torch.Tensor | None, past_length: int, query_length: int
 ) -> torch.Tensor | None:
     """A decoding step's 2-D mask, translated from full-sequence to compacted-cache layout.
 
@@ -270,7 +299,6 @@ def decode_attention_mask(
     is what we want); the cache holds only the kept tokens, so the prompt part of the
     mask is replaced by the mask of the compacted prompt.
     """
-    memory = state.prefill
     appended = memory.appended(past_length)
     full_total = memory.full_length + appended + query_length
     compact_total = memory.compact_length + appended + query_length

@@ -34,8 +34,11 @@ from .base import (
     SelectionRecord,
     SoftSelection,
     decode_attention_mask,
+    forget_prefill,
+    pruned_prompt,
     remember_prefill,
     replace_forward,
+    replace_method,
     select_tokens,
 )
 from .compaction import Compaction
@@ -196,32 +199,25 @@ class ModelAdapter:
         strategy = cls.positions
         core_forward, text_forward = core.forward, text_model.forward
 
-        def decoding_on_pruned_cache(cache) -> bool:
-            memory = state.prefill
-            return (cache is not None and memory is not None and memory.cache() is cache
-                    and cache.get_seq_length() > 0)
 
         @functools.wraps(core_forward)
         def model_forward(input_ids=None, *args, **kwargs):
             inputs = {name: kwargs[name] for name in kwargs if kwargs[name] is not None and any(
                 name.startswith(prefix) for prefix in ("pixel_values", "image_", "video_", "mm_", "batch_num"))}
-            has_visual = any(name in inputs for name in cls.visual_inputs)
+            has_visual = any(_given(inputs.get(name)) for name in cls.visual_inputs)
             if input_ids is None and has_visual:
                 raise ValueError("visual token selection needs input_ids to locate the image/video placeholder "
                                  "tokens; pass input_ids rather than inputs_embeds")
             if input_ids is not None:
                 cls.check_inputs(model, input_ids, kwargs)
             cache = kwargs.get("past_key_values")
-            if decoding_on_pruned_cache(cache):
-                if has_visual:
-                    raise NotImplementedError("adding images to a cache whose visual tokens were pruned is not "
-                                              "supported; start a new conversation (a fresh cache) with all its images")
+            memory = pruned_prompt(cache)
+            if memory is not None:
                 if kwargs.get("position_ids") is None:
-                    memory = state.prefill
                     tokens = kwargs.get("inputs_embeds")
                     # Only the shape [B, q, ...] and device of the embeddings are read.
                     tokens = tokens if tokens is not None else input_ids[..., None]
-                    uncompressed = memory.full_length + memory.appended(cache.get_seq_length())
+                    uncompressed = memory.uncompressed(cache.get_seq_length())
                     positions = cls.decoding_positions(core, input_ids, tokens, kwargs, uncompressed)
                     if positions is not None:
                         kwargs["position_ids"] = positions[..., -tokens.shape[1]:]
@@ -256,15 +252,22 @@ class ModelAdapter:
                                     **{**kwargs, **extra})
 
             token_ids = state.current_input_ids
-            if decoding_on_pruned_cache(past_key_values):
-                memory = state.prefill
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            aligned = token_ids is not None and inputs_embeds is not None and token_ids.shape == inputs_embeds.shape[:2]
+            if past_length > 0 and aligned and any(_given(state.current_inputs.get(name)) for name in cls.visual_inputs):
+                visual_mask = cls.visual_mask(model, token_ids)
+                if bool(visual_mask.any()):
+                    return continue_with_images(call, token_ids, visual_mask, attention_mask, position_ids,
+                                                past_key_values, inputs_embeds, kwargs)
+            memory = pruned_prompt(past_key_values)
+            if memory is not None:
                 past_length = past_key_values.get_seq_length()
                 query_length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
                 batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
                 device = (inputs_embeds if inputs_embeds is not None else input_ids).device
                 positions = strategy.continuing(position_ids, memory.full_length + memory.appended(past_length),
                                                 query_length, batch, device)
-                mask = decode_attention_mask(state, attention_mask, past_length, query_length)
+                mask = decode_attention_mask(memory, attention_mask, past_length, query_length)
                 if memory.first_pruned_layer == 0:
                     return call(mask, positions, inputs_embeds)
                 # Pruned inside the LLM: early layers keep the full mask, later ones get the compacted one.
@@ -276,23 +279,16 @@ class ModelAdapter:
                 finally:
                     state.layer_pruning = None
 
-            if token_ids is None or inputs_embeds is None or token_ids.shape != inputs_embeds.shape[:2]:
+            if not aligned or past_length > 0:
                 return call(attention_mask, position_ids, inputs_embeds)
             visual_mask = cls.visual_mask(model, token_ids)
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-            if past_length > 0:
-                if bool(visual_mask.any()) and any(name in state.current_inputs for name in cls.visual_inputs):
-                    raise NotImplementedError(
-                        "visual token selection needs the images in the first forward of a cache (prefill)")
-                return call(attention_mask, position_ids, inputs_embeds)
-            if attention_mask is not None and not (torch.is_tensor(attention_mask) and attention_mask.ndim == 2):
-                raise NotImplementedError("visual token selection needs a 2-D attention mask (or none) at prefill")
+            check_mask(attention_mask)
 
             batch, length = token_ids.shape
             token_valid = (attention_mask.bool() if attention_mask is not None
                            else torch.ones(batch, length, dtype=torch.bool, device=token_ids.device))
             visual_mask = visual_mask & token_valid
-            state.prefill = None
+            forget_prefill(past_key_values)
             if not bool(visual_mask.any()):
                 state.last = state.call_record = SelectionRecord(
                     [visual_mask.new_zeros(0, dtype=torch.long)] * batch, visual_mask.sum(1), state.resolved_mode())
@@ -307,7 +303,7 @@ class ModelAdapter:
                     outputs = call(attention_mask, position_ids, inputs_embeds)
                 finally:
                     state.layer_pruning = None
-                remember_prefill(state, context.cache, length, context.compaction.valid, prune_layer + 1)
+                remember_prefill(context.cache, length, context.compaction.valid, prune_layer + 1)
                 return outputs
 
             positions = strategy.full(position_ids, batch, length, inputs_embeds.device)
@@ -317,7 +313,7 @@ class ModelAdapter:
                 extras={
                     "segments": lambda: cls.segments(state, token_ids, visual_mask,
                                                      None if position_ids is None else positions, inputs),
-                    "encoder_attention": lambda: take_encoder_attention(cls, model, state, token_ids),
+                    "encoder_attention": lambda: take_encoder_attention(cls, model, state, token_ids, inputs_embeds),
                 },
             )
             state.call_record = state.last
@@ -336,7 +332,63 @@ class ModelAdapter:
                 compact_mask = compaction.mask(attention_mask.dtype if attention_mask is not None else torch.long)
             outputs = call(compact_mask, strategy.compact(positions, compaction), compaction.apply(selection.embeds),
                            **extras)
-            remember_prefill(state, getattr(outputs, "past_key_values", None), length, compaction.valid)
+            remember_prefill(getattr(outputs, "past_key_values", None), length, compaction.valid)
+            return outputs
+
+        def continue_with_images(call, token_ids, visual_mask, attention_mask, position_ids, cache, inputs_embeds,
+                                 kwargs):
+            """A forward that adds images to a conversation already in ``cache`` (a later turn): the new
+            images' tokens compete for their own budget and the chunk is compacted behind the cache."""
+            if state.method.prune_layer is not None and state.retention < 1.0:
+                raise NotImplementedError(
+                    f"method {state.method_name!r} prunes inside the language model, which needs the whole sequence "
+                    "in one forward; adding images to a conversation that already has a cache works with the methods "
+                    "that prune before the language model. Start a new cache with all the images instead")
+            if state.resolved_mode() == "soft":
+                raise NotImplementedError("soft selection (training) needs the images in the first forward of a "
+                                          "cache; call model.eval() for hard selection")
+            check_mask(attention_mask)
+            past_length = cache.get_seq_length()
+            memory = pruned_prompt(cache)
+            batch, length = token_ids.shape
+            device = inputs_embeds.device
+            if memory is not None:
+                mask = decode_attention_mask(memory, attention_mask, past_length, length)
+            elif attention_mask is not None:
+                if attention_mask.shape[1] != past_length + length:
+                    raise ValueError(f"attention_mask has length {attention_mask.shape[1]}; with {past_length} "
+                                     f"cached tokens and {length} new ones it should have {past_length + length}")
+                mask = attention_mask
+            else:
+                mask = None
+            if mask is None:
+                mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
+            mask = mask.to(device=device, dtype=torch.bool)
+            prefix, token_valid = mask[:, :past_length], mask[:, past_length:]
+            uncompressed = memory.uncompressed(past_length) if memory is not None else past_length
+            positions = strategy.continuing(position_ids, uncompressed, length, batch, device)
+            visual_mask = visual_mask & token_valid
+            selection = select_tokens(
+                state, inputs_embeds, visual_mask, token_valid, pad_left=True,
+                extras={
+                    "segments": lambda: cls.segments(state, token_ids, visual_mask, positions, state.current_inputs),
+                    "encoder_attention": lambda: take_encoder_attention(cls, model, state, token_ids,
+                                                                       inputs_embeds),
+                },
+            )
+            state.call_record = state.last
+            if selection is None:  # retention 1: the new turn stays whole
+                if memory is None:
+                    return call(attention_mask, position_ids, inputs_embeds)
+                compaction = Compaction.from_keep(torch.ones_like(token_valid), pad_left=True)
+                embeds, extras, chunk_valid = inputs_embeds, {}, token_valid
+            else:
+                compaction = selection.compaction
+                embeds = compaction.apply(selection.embeds)
+                extras, chunk_valid = cls.compact_extras(kwargs, compaction, visual_mask), compaction.valid
+            compact_mask = torch.cat([prefix, chunk_valid], dim=1)
+            outputs = call(compact_mask.long(), strategy.compact(positions, compaction), embeds, **extras)
+            remember_prefill(cache, uncompressed + length, compact_mask)
             return outputs
 
         replace_forward(core, model_forward, state)
@@ -344,31 +396,134 @@ class ModelAdapter:
         generation_class = cls.classes()[0]
         if isinstance(model, generation_class):
             replace_forward(model, labelled_forward(model, state), state)
+            install_generation_hooks(model, state)
         if "encoder_attention" in state.method.needs:
             cls.install_encoder_attention_probe(core, state)
         if state.method.prune_layer is not None:
             install_layer_pruning(text_model, state, create_masks, cls.query_key)
 
 
-def take_encoder_attention(adapter, model, state: AttachedState, token_ids) -> torch.Tensor:
-    """The recorded attention, placed at the visual tokens of the sequence ``[B, L]``."""
+def install_generation_hooks(model, state: AttachedState) -> None:
+    """Make ``generate`` read a pruned cache by the length it would have without pruning.
+
+    ``generate`` continues a conversation from a returned cache by dropping as many leading
+    ``input_ids`` as the cache holds, and numbers the new tokens from that length too. After
+    pruning the cache holds fewer tokens than it stands for, so both hooks are given the
+    uncompressed length.
+    """
+    prepare = model.prepare_inputs_for_generation
+
+    @functools.wraps(prepare)
+    def prepare_inputs_for_generation(input_ids, *args, next_sequence_length=None, is_first_iteration=False,
+                                      **kwargs):
+        memory = pruned_prompt(kwargs.get("past_key_values"))
+        if memory is not None and is_first_iteration and next_sequence_length is not None:
+            embeds = kwargs.get("inputs_embeds")
+            total = (embeds if embeds is not None else input_ids).shape[1]
+            stored = kwargs["past_key_values"].get_seq_length()
+            if next_sequence_length == total - stored:
+                next_sequence_length = total - memory.uncompressed(stored)
+        return prepare(input_ids, *args, next_sequence_length=next_sequence_length,
+                       is_first_iteration=is_first_iteration, **kwargs)
+
+    replace_method(model, "prepare_inputs_for_generation", prepare_inputs_for_generation, state)
+    positions = getattr(model, "_prepare_position_ids_for_generation", None)
+    if positions is None:
+        return
+
+    @functools.wraps(positions)
+    def prepare_position_ids_for_generation(inputs_tensor, model_kwargs):
+        cache = model_kwargs.get("past_key_values")
+        memory = pruned_prompt(cache)
+        if memory is not None:
+            model_kwargs = {**model_kwargs,
+                            "past_key_values": UncompressedLength(memory.uncompressed(cache.get_seq_length()))}
+        return positions(inputs_tensor, model_kwargs)
+
+    replace_method(model, "_prepare_position_ids_for_generation", prepare_position_ids_for_generation, state)
+
+
+def _given(value) -> bool:
+    """Whether a visual keyword argument carries anything (``generate`` passes ``mm_encoder_outputs={}``)."""
+    if value is None:
+        return False
+    if isinstance(value, dict):
+        return any(item is not None for item in value.values())
+    return True
+
+
+def check_mask(attention_mask) -> None:
+    if attention_mask is not None and not (torch.is_tensor(attention_mask) and attention_mask.ndim == 2):
+        raise NotImplementedError(
+            "visual token selection needs a 2-D attention mask (or none) when it selects; a 4-D mask comes from a "
+            "compiled or static cache (generate(cache_implementation='static')), which pruning does not support: "
+            "use the default dynamic cache")
+
+
+# Encodings whose attention is kept until a selection reads it; older ones are dropped, so that
+# encoding many images without a forward (a feature cache) cannot grow the state without bound.
+_RECORDED_ENCODINGS = 16
+
+
+def record_encoder_attention(state: AttachedState, modality: str, output, attention: torch.Tensor) -> None:
+    """Keep the attention ``[n]`` each visual token of one encoder call received, with the tokens' features
+    (``output.pooler_output``), by which a later selection finds the attention of exactly its own tokens."""
+    features = getattr(output, "pooler_output", None)
+    if features is None:
+        return
+    if isinstance(features, (list, tuple)):
+        features = torch.cat([item.reshape(-1, item.shape[-1]) for item in features])
+    features = features.reshape(-1, features.shape[-1]).detach()
+    if features.shape[0] != attention.numel():
+        raise RuntimeError(f"the encoder attention probe saw {attention.numel()} {modality} tokens but the encoder "
+                           f"returned {features.shape[0]}")
+    entries = state.encoder_attention.setdefault(modality, [])
+    entries.append((features, attention.detach().flatten()))
+    del entries[:-_RECORDED_ENCODINGS]
+
+
+def take_encoder_attention(adapter, model, state: AttachedState, token_ids, inputs_embeds) -> torch.Tensor:
+    """The attention each visual token of the batch received in the vision encoder, ``[B, L]`` (0 at text).
+
+    Each token's value is found by its features among the recorded encodings, so attention
+    recorded for other images (stale, or precomputed ``mm_encoder_outputs``) is never used, and
+    batches that ``generate`` expanded (beams, ``num_return_sequences``) find theirs.
+    """
     recorded, state.encoder_attention = state.encoder_attention, {}
     scores = torch.zeros(token_ids.shape, dtype=torch.float32, device=token_ids.device)
     for modality, token_id in adapter.placeholder_ids(model.config).items():
         mask = token_ids == token_id
-        count = int(mask.sum())
-        if count == 0:
+        if not bool(mask.any()):
             continue
-        values = recorded.get(modality)
-        if values is None or values.numel() != count:
-            found = "none" if values is None else values.numel()
-            raise RuntimeError(
-                f"encoder attention was recorded for {found} {modality} tokens but the batch has {count}; "
-                "it is recorded when the model encodes pixels (pixel_values / pixel_values_videos), "
-                "not for precomputed or expanded encoder outputs"
-            )
-        scores[mask] = values.to(scores.device)
+        wanted = inputs_embeds[mask.to(inputs_embeds.device)].detach()
+        scores[mask] = _attention_of(wanted, recorded.get(modality, []), modality).to(scores.device)
     return scores
+
+
+def _attention_of(wanted: torch.Tensor, entries: list, modality: str) -> torch.Tensor:
+    """The recorded attention of each row of ``wanted`` ``[c, D]``, looked up by its exact features."""
+    hint = ("VisionZip reads the attention while the model encodes pixels: pass pixel_values / "
+            "pixel_values_videos (not precomputed mm_encoder_outputs)")
+    if not entries:
+        raise RuntimeError(f"no encoder attention was recorded for the {modality} tokens of this batch; {hint}")
+    features = torch.cat([f.to(device=wanted.device, dtype=wanted.dtype) for f, _ in entries])
+    attention = torch.cat([a.to(wanted.device) for _, a in entries]).float()
+    last_features, last_attention = entries[-1]
+    if last_features.shape == wanted.shape and torch.equal(last_features.to(wanted.device, wanted.dtype), wanted):
+        return last_attention.to(wanted.device).float()
+    rows = _row_keys(features)
+    lookup = {key: index for index, key in enumerate(rows)}
+    found = [lookup.get(key) for key in _row_keys(wanted)]
+    missing = sum(index is None for index in found)
+    if missing:
+        raise RuntimeError(f"the encoder attention recorded does not belong to {missing} of the {len(found)} "
+                           f"{modality} tokens of this batch (it was recorded for other images); {hint}")
+    return attention[torch.tensor(found, device=wanted.device)]
+
+
+def _row_keys(rows: torch.Tensor) -> list[bytes]:
+    raw = rows.contiguous().view(torch.uint8).cpu().numpy()
+    return [row.tobytes() for row in raw]
 
 
 def labelled_forward(model, state: AttachedState):

@@ -26,7 +26,7 @@ import weakref
 import torch
 
 from .base import AttachedState, replace_forward, replace_method
-from .generic import ModelAdapter
+from .generic import ModelAdapter, record_encoder_attention
 from .positions import LinearPositions
 
 __all__ = ["LlavaAdapter"]
@@ -150,7 +150,7 @@ class LlavaAdapter(ModelAdapter):
             rows.clear()
             output = get_features(*args, **kwargs)
             if rows:
-                state.encoder_attention["image"] = torch.cat(rows).flatten()
+                record_encoder_attention(state, "image", output, torch.cat(rows).flatten())
             rows.clear()
             return output
 

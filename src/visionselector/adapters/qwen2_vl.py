@@ -14,7 +14,7 @@ import torch
 
 from ..ops.attention import attention_received
 from .base import AttachedState, replace_method
-from .generic import ModelAdapter, UncompressedLength
+from .generic import ModelAdapter, UncompressedLength, record_encoder_attention
 
 __all__ = ["Qwen2VLAdapter"]
 
@@ -125,7 +125,7 @@ class Qwen2VLAdapter(ModelAdapter):
                 outputs = original(*args, **kwargs)
                 result = probe.pop("result", None)
                 if result is not None:
-                    state.encoder_attention[modality] = result
+                    record_encoder_attention(state, modality, outputs, result)
                 return outputs
 
             return wrapper
