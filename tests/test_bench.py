@@ -9,15 +9,36 @@ from visionselector.eval.bench import BenchConfig, run_bench
 from conftest import make_model
 
 
+class _RecordingBar:
+    """Stands in for the tqdm bar: what it was told."""
+
+    def __init__(self, total, enabled):
+        self.total, self.enabled, self.count, self.labels, self.closed = total, enabled, 0, [], False
+
+    def set_postfix_str(self, text, refresh=True):
+        self.labels.append(text)
+
+    def update(self, count):
+        self.count += count
+
+    def close(self):
+        self.closed = True
+
+
 @pytest.fixture(scope="module")
 def report(tmp_path_factory):
+    import visionselector.eval.bench as bench
+
     folder = tmp_path_factory.mktemp("bench")
     make_model(text_layers=4).save_pretrained(folder / "model")
     config = BenchConfig(model=str(folder / "model"), methods=("visionselector", "fastv"), retentions=(1.0, 0.5, 0.25),
-                         image_size=64, repeats=1, warmup=0, new_tokens=2, out=str(folder / "out"))
-    lines = []
-    result = run_bench(config, print_fn=lines.append)
-    return result, lines, folder / "out"
+                         image_size=64, repeats=1, warmup=1, new_tokens=2, out=str(folder / "out"))
+    lines, bars = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench, "_progress_bar", lambda total, enabled: bars.append(_RecordingBar(total, enabled))
+                      or bars[-1])
+        result = run_bench(config, print_fn=lines.append)
+    return result, lines, folder / "out", bars
 
 
 def records_of(report, method):
@@ -25,7 +46,7 @@ def records_of(report, method):
 
 
 def test_report_has_every_variant_and_writes_files(report):
-    result, lines, out = report
+    result, lines, out, _ = report
     assert len(result["records"]) == 6
     assert json.loads((out / "bench.json").read_text())["records"] == result["records"]
     assert (out / "bench.png").read_bytes()[:4] == b"\x89PNG"
@@ -34,7 +55,7 @@ def test_report_has_every_variant_and_writes_files(report):
 
 
 def test_flops_follow_the_kept_tokens(report):
-    result, _, _ = report
+    result, _, _, _ = report
     base = result["baseline"]["flops"]
     learned = records_of(result, "visionselector")
     assert learned[1.0]["flops"]["total"] == base["total"]  # retention 1 is a no-op: no scorer, same sequence
@@ -52,10 +73,41 @@ def test_flops_follow_the_kept_tokens(report):
 
 
 def test_methods_pruning_inside_the_llm_have_no_pre_llm_limit(report):
-    result, _, _ = report
+    result, _, _, _ = report
     fastv = records_of(result, "fastv")
     assert fastv[0.5]["of_limit"] is None and records_of(result, "visionselector")[0.5]["of_limit"] is not None
     assert fastv[0.25]["flops"]["language_model"] < fastv[1.0]["flops"]["language_model"]
+
+
+def test_progress_counts_every_variant_of_every_round_and_the_flop_pass(report):
+    _, _, _, bars = report
+    (bar,) = bars
+    # Per round: the unpatched model, 3 limits (64, 32 and 16 tokens) and 2 methods x 3 retentions.
+    per_round = 1 + 3 + 2 * 3
+    assert bar.enabled and bar.total == (1 + 1 + 1) * per_round and bar.count == bar.total and bar.closed
+    assert bar.labels[0] == "round 1/2 (warm-up): none" and "round 2/2: fastv r=0.25" in bar.labels
+    assert "round 2/2: limit 16 tokens" in bar.labels and bar.labels[-1] == "FLOPs: fastv r=0.25"
+
+
+def test_progress_can_be_turned_off_and_shows_only_on_a_terminal(monkeypatch):
+    import io
+    import sys
+
+    from visionselector.cli import build_parser
+    from visionselector.eval.bench import _progress_bar
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    assert build_parser().parse_args(["bench", "--no-progress"]).progress is False
+    assert build_parser().parse_args(["bench"]).progress is True
+    for stream, enabled, shown in ((Terminal(), True, True), (Terminal(), False, False), (io.StringIO(), True, False)):
+        monkeypatch.setattr(sys, "stderr", stream)
+        bar = _progress_bar(4, enabled)
+        bar.update(1)
+        bar.close()
+        assert ("benchmark" in stream.getvalue()) is shown
 
 
 def test_bad_settings_fail_before_timing(tmp_path):

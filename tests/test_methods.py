@@ -207,7 +207,7 @@ def test_encoder_attention_probe_matches_full_attention_matrices():
             model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
     finally:
         handle.remove()
-    recorded = model._visionselector_state.encoder_attention["image"]
+    _, recorded = model._visionselector_state.encoder_attention["image"][-1]
 
     with torch.no_grad():
         hidden = seen["hidden"]

@@ -177,7 +177,7 @@ def test_visionzip_probe_equals_the_encoders_own_attention(name):
     batch = family(name).batch([(0, 2)])
     with torch.no_grad():
         model.model.get_image_features(batch["pixel_values"], batch["image_grid_thw"])
-    recorded = get_state(model).encoder_attention["image"]
+    _, recorded = get_state(model).encoder_attention["image"][-1]
     last_block = weights[-len(batch["image_grid_thw"]):]  # one call per image in the last block
     received = torch.cat([w[0].float().mean(0).mean(0) for w in last_block])  # mean over heads and queries
     torch.testing.assert_close(recorded, received.view(-1, 4).mean(1), atol=1e-6, rtol=1e-5)

@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 
 import torch
 
 from .adapters import AttachedState, find_adapter
-from .adapters.base import MODES, restore_forwards
+from .adapters.base import MODES, PATCH_MARK, restore_forwards
 from .checkpoint import write_selector
 from .methods import get_method_class
-from .methods.base import method_options
-from .ops.topk import validate_retention
+from .methods.base import check_options, method_options
+from .ops.topk import validate_loss_weight, validate_retention
 from .selector_sources import load_selector
 
 __all__ = [
@@ -59,10 +60,12 @@ def attach(model, method: str = "visionselector", retention: float = 0.2, select
         ``model``, patched.
     """
     retention = validate_retention(retention)
+    selection_loss_weight = validate_loss_weight(selection_loss_weight)
     adapter = find_adapter(model)
     if is_attached(model):
         raise RuntimeError("a selection method is already attached to this model; call visionselector.detach first "
                            "(or set_retention to change the retention)")
+    _refuse_nested(model)
     if mode not in MODES:
         raise ValueError(f"mode must be one of {', '.join(MODES)}; got {mode!r}")
     method_class = get_method_class(method)
@@ -70,9 +73,14 @@ def attach(model, method: str = "visionselector", retention: float = 0.2, select
     training_retention = None
     state_dict = None
     if selector is not None:
-        config, state_dict = load_selector(selector)
+        config, state_dict = load_selector(selector)  # the config's field types are checked there
         if config["method"] != method:
             raise ValueError(f"selector at {selector} was saved for method {config['method']!r}, not {method!r}")
+        try:
+            saved_options = check_options(method_class, config.get("method_config", {}))
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"selector at {selector}: its method_config does not fit method {method!r}: "
+                             f"{error}") from None
         saved_width = config.get("hidden_size")
         if saved_width != hidden_size:
             raise ValueError(
@@ -82,7 +90,7 @@ def attach(model, method: str = "visionselector", retention: float = 0.2, select
         if config.get("model_family") not in (None, adapter.family):
             raise ValueError(f"selector at {selector} was trained on a {config['model_family']!r} model; "
                              f"this model is {adapter.family!r}")
-        options = {**config.get("method_config", {}), **options}
+        options = {**saved_options, **options}
         training_retention = config.get("training_retention")
     if mode == "soft" and not method_class.trainable:
         raise ValueError(f"mode='soft' needs a trainable method; {method!r} is training-free")
@@ -95,20 +103,68 @@ def attach(model, method: str = "visionselector", retention: float = 0.2, select
     reference = model.get_input_embeddings().weight
     selection_method.to(device=reference.device)
     selection_method.train(model.training)
-    model.add_module(MODULE_NAME, selection_method)
     state = AttachedState(adapter=adapter, method=selection_method, method_name=method, retention=retention,
-                          mode=mode, selection_loss_weight=float(selection_loss_weight),
+                          mode=mode, selection_loss_weight=selection_loss_weight,
                           training_retention=training_retention)
-    setattr(model, STATE_ATTRIBUTE, state)
-    try:
-        adapter.patch(model, state)
-    except Exception:
-        _undo(model, state)
-        raise
+    _install(model, state)
     return model
 
 
+def _install(model, state: AttachedState) -> None:
+    """Put ``state`` and its method on ``model`` and patch it; nothing stays behind if patching fails."""
+    model.add_module(MODULE_NAME, state.method)
+    setattr(model, STATE_ATTRIBUTE, state)
+    try:
+        state.adapter.patch(model, state)
+        # Instance attributes that copy and pickle look up before the class's.
+        model.__dict__["__deepcopy__"] = lambda memo: _deepcopy_attached(model, memo)
+        state.restore.append(lambda: model.__dict__.pop("__deepcopy__", None))
+        for module in {id(m): m for m in state.patched_modules(model)}.values():
+            module.__dict__["__reduce_ex__"] = _refuse_pickling
+            state.restore.append(lambda module=module: module.__dict__.pop("__reduce_ex__", None))
+    except Exception:
+        _undo(model, state)
+        raise
+
+
+def _refuse_nested(model) -> None:
+    """One selection method per model tree: attaching to a model and to a module inside it (or around
+    it) would select twice and leave patches behind when one of them is detached."""
+    for name, module in model.named_modules():
+        if module is not model and STATE_ATTRIBUTE in module.__dict__:
+            raise RuntimeError(f"a selection method is attached to {name!r} inside this model; detach it there "
+                               "first (one selection method per model)")
+    if any(getattr(value, PATCH_MARK, False) for value in model.__dict__.values()):
+        raise RuntimeError("this module belongs to a model that has a selection method attached; attach to that "
+                           "model only, or detach it first (one selection method per model)")
+
+
+def _refuse_pickling(protocol):
+    raise TypeError("a model with a selection method attached cannot be pickled (torch.save(model)) or "
+                    "shallow-copied: its patched forwards are closures over its state. Save the model with "
+                    "save_pretrained (or detach it first) and the selector with visionselector.save_selector, then "
+                    "attach again after loading; copy.deepcopy(model) gives an independent attached copy")
+
+
+def _deepcopy_attached(model, memo):
+    """An independent copy: the model copied unpatched, then the copy of the method attached to it."""
+    state = get_state(model)
+    _undo(model, state)
+    try:
+        copied = copy.deepcopy(model, memo)
+        method = copy.deepcopy(state.method, memo)
+    finally:
+        _install(model, state)
+    twin = AttachedState(adapter=state.adapter, method=method, method_name=state.method_name,
+                         retention=state.retention, mode=state.mode, selection_loss_weight=state.selection_loss_weight,
+                         training_retention=state.training_retention)
+    _install(copied, twin)
+    return copied
+
+
 def _build_method(method_class, hidden_size: int, options: dict):
+    # Names, types and ranges of every option now, so that attach fails rather than the first forward.
+    options = check_options(method_class, options)
     try:
         return method_class(hidden_size, **options)
     except TypeError as error:
@@ -159,8 +215,8 @@ def set_retention(model, retention: float) -> None:
 
 
 def set_selection_loss_weight(model, weight: float) -> None:
-    """Set lambda, the weight of the selection loss in soft mode."""
-    get_state(model).selection_loss_weight = float(weight)
+    """Set lambda, the weight of the selection loss in soft mode (a finite number >= 0)."""
+    get_state(model).selection_loss_weight = validate_loss_weight(weight)
 
 
 def save_selector(model, directory: str | os.PathLike) -> str:
@@ -178,10 +234,18 @@ def save_selector(model, directory: str | os.PathLike) -> str:
 
 
 def last_selection(model) -> list[torch.Tensor]:
-    """Per sample, the sorted indices (into its visual tokens) of those kept by the last forward."""
+    """Per sample, the sorted indices (into its visual tokens) of those that reached the language model
+    in the last call that started a sequence (a prefill, or ``generate``; decoding steps keep it, and a
+    later turn that adds images reports those images' tokens).
+
+    After ``generate`` with beams or ``num_return_sequences`` there is one entry per input sample. In
+    soft mode (a trainable method in training mode) every visual token reaches the model, scaled by
+    the soft mask, so all are reported.
+    """
     record = get_state(model).last
     if record is None:
-        raise RuntimeError("no forward with visual inputs has run since the selection method was attached")
+        raise RuntimeError("no selection to report: the last forward that started a sequence had no input_ids to "
+                           "locate visual tokens (inputs_embeds only), or none has run since attach")
     return [indices.clone() for indices in record.kept]
 
 

@@ -97,7 +97,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         _check_common(values)
         runner(config_class(**values))
-    except (ValueError, FileNotFoundError, NotADirectoryError, TypeError) as error:
+    except (ValueError, TypeError, OSError) as error:
+        # What users get wrong (values, paths, files, permissions): one line, not a traceback.
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

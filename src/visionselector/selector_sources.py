@@ -34,7 +34,8 @@ import torch
 from .checkpoint import CONFIG_NAME, FORMAT_VERSION, WEIGHTS_NAME, read_selector, write_selector
 from .hub import is_hub_id, resolve_file, resolve_folder
 
-__all__ = ["SELECTOR_SOURCES", "load_selector", "scorer_from_release_tensors", "ConvertConfig", "run_convert"]
+__all__ = ["SELECTOR_SOURCES", "load_selector", "check_selector_config", "scorer_from_release_tensors",
+           "ConvertConfig", "run_convert"]
 
 RELEASE_INDEX = "model.safetensors.index.json"
 RELEASE_SINGLE_FILE = "model.safetensors"
@@ -71,10 +72,55 @@ def load_selector(source: str | os.PathLike) -> tuple[dict, dict[str, torch.Tens
 
     ``config`` holds ``method``, ``method_config`` (``{"hidden_dim": h}``), ``hidden_size``
     (``D``), ``model_family``, ``model_class``, ``training_retention`` (``None`` where the source does not
-    record it) and, for converted sources, a ``source`` note. ``state_dict`` holds
-    ``scorer.{query,key}.weight`` ``[h, D]`` and ``scorer.{query,key}.bias`` ``[h]`` in the
-    dtype they were stored in.
+    record it) and, for converted sources, a ``source`` note, checked by
+    :func:`check_selector_config`. ``state_dict`` holds ``scorer.{query,key}.weight``
+    ``[h, D]`` and ``scorer.{query,key}.bias`` ``[h]`` in the dtype they were stored in.
     """
+    config, state_dict = _load_any(source)
+    return check_selector_config(config, source), state_dict
+
+
+def check_selector_config(config: dict, source) -> dict:
+    """``config`` if its fields have the types a selector config needs; ``ValueError`` naming the
+    field and what is valid otherwise.
+
+    ``method``: a method name; ``hidden_size``: an integer >= 1; ``method_config``: an object
+    of the method's options (may be absent); ``model_family`` and ``model_class``: a string or
+    null; ``training_retention``: a number in (0, 1] or null. The options inside
+    ``method_config`` are checked against the method when it is built.
+    """
+    from .methods.base import check_value
+    from .ops.topk import validate_retention
+
+    where = f"selector config of {str(source)!r}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} must be a JSON object, got {type(config).__name__}")
+    for name in ("method", "hidden_size"):
+        if name not in config:
+            raise ValueError(f"{where} has no {name!r} field (a selector config holds method, method_config, "
+                             "hidden_size, model_family, model_class and training_retention)")
+    method = check_value(f"{where}: field 'method'", config["method"], str)
+    if not method:
+        raise ValueError(f"{where}: field 'method' must be a method name, got ''")
+    check_value(f"{where}: field 'hidden_size'", config["hidden_size"], int, at_least=1)
+    for name in ("model_family", "model_class"):
+        check_value(f"{where}: field {name!r}", config.get(name), str, optional=True)
+    options = config.get("method_config", {})
+    if not isinstance(options, dict):
+        raise ValueError(f"{where}: field 'method_config' must be an object of the method's options "
+                         f"(e.g. {{\"hidden_dim\": 64}}), got {options!r} ({type(options).__name__})")
+    retention = config.get("training_retention")
+    if retention is not None:
+        try:
+            validate_retention(retention)
+        except ValueError:
+            raise ValueError(f"{where}: field 'training_retention' must be a number in (0, 1] or null, "
+                             f"got {retention!r} ({type(retention).__name__})") from None
+    return config
+
+
+def _load_any(source) -> tuple[dict, dict[str, torch.Tensor]]:
+    """What :func:`load_selector` returns, before its config is checked."""
     path = Path(source)
     if path.is_file():
         raise ValueError(f"selector {str(source)!r} is a file; give the folder that holds it ({_sources_text()})")
@@ -308,9 +354,12 @@ class ConvertConfig:
 
 def run_convert(config: ConvertConfig, print_fn=print) -> Path:
     """Read ``config.source`` with :func:`load_selector` and write it in our format to ``config.out``."""
+    from .commands.common import check_output_folder
+
     out = Path(config.out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output {str(out)!r} is a file; give a folder to write {CONFIG_NAME} and {WEIGHTS_NAME} into")
+    check_output_folder(out)  # nor may any folder above it be a file
     selector_config, state_dict = load_selector(config.source)
     written = write_selector(out, selector_config, state_dict)
     parameters = sum(tensor.numel() for tensor in state_dict.values())

@@ -42,6 +42,20 @@ class SelectionRecord:
     soft_mask: torch.Tensor | None = None
     selection_loss: torch.Tensor | None = None
 
+    def per_sample(self, samples: int) -> "SelectionRecord":
+        """This record for ``samples`` inputs whose rows ``generate`` repeated (beams,
+        ``num_return_sequences``): one entry per input. Each sample's copies chose alike."""
+        rows = len(self.kept)
+        if rows == samples or samples == 0 or rows % samples:
+            return self
+        copies = rows // samples
+        for row in range(rows):
+            first = row - row % copies
+            if not torch.equal(self.kept[row], self.kept[first]):
+                return self
+        return SelectionRecord(self.kept[::copies], self.visual_counts[::copies], self.mode,
+                               soft_mask=None if self.soft_mask is None else self.soft_mask[::copies])
+
     @property
     def token_index(self) -> torch.Tensor | None:
         return None if self.compaction is None else self.compaction.index
@@ -90,11 +104,16 @@ class AttachedState:
     call_record: SelectionRecord | None = None
     last_losses: dict = field(default_factory=dict)
     restore: list = field(default_factory=list)  # callables that undo each patch, in order of patching
+    patched: list = field(default_factory=list)  # the modules whose instance attributes were replaced
     # modality -> recent encodings as (features [n, D], attention each token received [n])
     encoder_attention: dict = field(default_factory=dict)
     layer_pruning: Any = None  # the per-call context of pruning inside the language model
     current_input_ids: torch.Tensor | None = None
     current_inputs: dict = field(default_factory=dict)  # the visual keyword arguments of the running call
+
+    def patched_modules(self, model) -> list:
+        """The model and every module whose methods were replaced on the instance."""
+        return [model, *self.patched]
 
     def resolved_mode(self) -> str:
         if self.mode == "auto":
@@ -198,7 +217,8 @@ def select_tokens(
         else:
             selection_loss = soft.sum() * 0.0
         scale = scatter_to_sequence(soft.to(inputs_embeds.dtype), visual, inputs_embeds.shape[1], 1.0)
-        record = SelectionRecord(kept_indices(hard, visual.valid), counts, mode, soft_mask=soft,
+        # Every visual token reaches the model in soft mode, scaled by its mask value.
+        record = SelectionRecord(kept_indices(visual.valid, visual.valid), counts, mode, soft_mask=soft,
                                  selection_loss=selection_loss)
         state.last = record
         return SoftSelection(scale, record)
@@ -321,6 +341,11 @@ def decode_attention_mask(
     return torch.cat([memory.compact_mask.to(tail.device), tail], dim=1)
 
 
+# Set on every function this package puts on a module instance, so that a module already
+# patched by an attached model is recognised.
+PATCH_MARK = "_visionselector_patch"
+
+
 def replace_method(module: torch.nn.Module, name: str, replacement, state: AttachedState) -> None:
     """Set ``module.<name>`` on the instance (usually ``forward``), remembering what to put back."""
     previous = module.__dict__.get(name, _MISSING)
@@ -332,7 +357,9 @@ def replace_method(module: torch.nn.Module, name: str, replacement, state: Attac
             setattr(module, name, previous)
 
     state.restore.append(undo)
+    setattr(replacement, PATCH_MARK, True)
     setattr(module, name, replacement)
+    state.patched.append(module)
 
 
 def replace_forward(module: torch.nn.Module, new_forward, state: AttachedState) -> None:
@@ -343,6 +370,7 @@ def restore_forwards(state: AttachedState) -> None:
     """Undo every patch and hook of the attached state, newest first."""
     while state.restore:
         state.restore.pop()()
+    state.patched.clear()
 
 
 _MISSING = object()

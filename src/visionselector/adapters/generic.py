@@ -23,7 +23,9 @@ read and the encoder-attention probe.
 
 from __future__ import annotations
 
+import copy
 import functools
+import warnings
 from typing import ClassVar
 
 import torch
@@ -211,6 +213,8 @@ class ModelAdapter:
             if input_ids is not None:
                 cls.check_inputs(model, input_ids, kwargs)
             cache = kwargs.get("past_key_values")
+            if cache is None or cache.get_seq_length() == 0:
+                state.last = None  # a new sequence: no earlier call's record may describe it
             memory = pruned_prompt(cache)
             if memory is not None:
                 if kwargs.get("position_ids") is None:
@@ -427,6 +431,25 @@ def install_generation_hooks(model, state: AttachedState) -> None:
                        is_first_iteration=is_first_iteration, **kwargs)
 
     replace_method(model, "prepare_inputs_for_generation", prepare_inputs_for_generation, state)
+    generate = model.generate
+
+    @functools.wraps(generate)
+    def checked_generate(*args, **kwargs):
+        check_generation_options(model, state, kwargs)
+        if state.resolved_mode() == "soft":
+            warnings.warn(
+                f"generating while method {state.method_name!r} is in training mode: selection is soft, so every "
+                "visual token reaches the model (scaled by the soft mask) and last_selection reports all of them; "
+                "call model.eval() for hard selection", stacklevel=2)
+        output = generate(*args, **kwargs)
+        inputs = kwargs.get("input_ids", args[0] if args else None)
+        if inputs is None:
+            inputs = kwargs.get("inputs_embeds")
+        if inputs is not None and state.last is not None:
+            state.last = state.last.per_sample(inputs.shape[0])
+        return output
+
+    replace_method(model, "generate", checked_generate, state)
     positions = getattr(model, "_prepare_position_ids_for_generation", None)
     if positions is None:
         return
@@ -441,6 +464,33 @@ def install_generation_hooks(model, state: AttachedState) -> None:
         return positions(inputs_tensor, model_kwargs)
 
     replace_method(model, "_prepare_position_ids_for_generation", prepare_position_ids_for_generation, state)
+
+
+# Cache implementations that hold the uncompressed layout or build 4-D masks for it.
+_DYNAMIC_CACHES = (None, "dynamic", "offloaded")
+
+
+def check_generation_options(model, state: AttachedState, kwargs: dict) -> None:
+    """Refuse, by name, the ``generate`` options that cannot run on a pruned prompt."""
+    config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
+    config.update(**{name: value for name, value in kwargs.items() if hasattr(config, name)})
+    cache = kwargs.get("past_key_values")
+    if kwargs.get("assistant_model") is not None or getattr(config, "prompt_lookup_num_tokens", None):
+        raise ValueError("assisted decoding (assistant_model, prompt_lookup_num_tokens) is not supported with visual "
+                         "token selection: it crops the cache by uncompressed lengths, and a pruned cache is shorter. "
+                         "Use plain greedy or sampled decoding")
+    if getattr(config, "cache_implementation", None) not in _DYNAMIC_CACHES or getattr(cache, "is_compileable", False):
+        raise ValueError(f"cache_implementation={config.cache_implementation!r} (a static, compilable cache) is not "
+                         "supported with visual token selection: its masks describe the uncompressed sequence. Use "
+                         "the default dynamic cache")
+    if getattr(config, "prefill_chunk_size", None):
+        raise ValueError("prefill_chunk_size is not supported with visual token selection, which chooses among all "
+                         "visual tokens of the prompt in one forward")
+    if config.use_cache is False and state.method.prune_layer is not None and state.retention < 1.0:
+        raise ValueError(f"use_cache=False is not supported with method {state.method_name!r}: it selects by the "
+                         f"attention of the last token at decoder layer {state.method.prune_layer}, and without a "
+                         "cache every step re-runs the prompt with the answer so far, so the selection would change "
+                         "as the answer grows. Use the default use_cache=True")
 
 
 def _given(value) -> bool:
@@ -489,7 +539,7 @@ def take_encoder_attention(adapter, model, state: AttachedState, token_ids, inpu
     recorded for other images (stale, or precomputed ``mm_encoder_outputs``) is never used, and
     batches that ``generate`` expanded (beams, ``num_return_sequences``) find theirs.
     """
-    recorded, state.encoder_attention = state.encoder_attention, {}
+    recorded = state.encoder_attention
     scores = torch.zeros(token_ids.shape, dtype=torch.float32, device=token_ids.device)
     for modality, token_id in adapter.placeholder_ids(model.config).items():
         mask = token_ids == token_id

@@ -83,21 +83,35 @@ class LlavaAdapter(ModelAdapter):
             @functools.wraps(get_features)
             def remembering(*args, **kwargs):
                 output = get_features(*args, **kwargs)
-                if hasattr(output, "pooler_output"):
-                    bound = signature.bind_partial(*args, **kwargs).arguments
-                    encoded.update(output=weakref.ref(output),
-                                   side={k: v for k, v in bound.items() if k in LAYOUT_ARGUMENTS and v is not None})
+                bound = signature.bind_partial(*args, **kwargs).arguments
+                side = {k: v for k, v in bound.items() if k in LAYOUT_ARGUMENTS and v is not None}
+                if isinstance(getattr(output, "pooler_output", None), (list, tuple)) and "image_sizes" in side:
+                    # Each item's blocks, found again by the item's tensor: generate may hand the
+                    # outputs back regrouped (repeated for beams) in a new container.
+                    blocks = cls.item_blocks(core.config, side)["image"]
+                    encoded.clear()
+                    encoded.update({id(item): (weakref.ref(item), grid)
+                                    for item, grid in zip(output.pooler_output, blocks)})
                 return output
+
+            def remembered_blocks(image):
+                found = [encoded.get(id(item)) for item in getattr(image, "pooler_output", None) or ()]
+                if not found or any(entry is None or entry[0]() is not item
+                                    for entry, item in zip(found, image.pooler_output)):
+                    return None
+                return [grid for _, grid in found]
 
             @functools.wraps(forward)
             def grids_forward(*args, **kwargs):
                 if any(kwargs.get(name) is not None for name in cls.visual_inputs):
-                    image = (kwargs.get("mm_encoder_outputs") or {}).get("image")
-                    side = encoded["side"] if image is not None and encoded and encoded["output"]() is image else {}
-                    given = {k: v for k, v in kwargs.items() if v is not None}
                     ids = cls.placeholder_ids(core.config)
-                    state.current_inputs[GRIDS] = {
-                        ids[modality]: items for modality, items in cls.item_blocks(core.config, side | given).items()}
+                    remembered = remembered_blocks((kwargs.get("mm_encoder_outputs") or {}).get("image"))
+                    if remembered is not None:
+                        state.current_inputs[GRIDS] = {ids["image"]: remembered}
+                    else:
+                        given = {k: v for k, v in kwargs.items() if v is not None}
+                        state.current_inputs[GRIDS] = {
+                            ids[modality]: items for modality, items in cls.item_blocks(core.config, given).items()}
                 return forward(*args, **kwargs)
 
             replace_method(core, "get_image_features", remembering, state)

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
-__all__ = ["check_file", "check_output_folder", "set_threads", "model_and_processor", "MODEL_HELP"]
+__all__ = ["check_file", "check_output_folder", "check_count", "check_positive", "set_threads", "parse_device",
+           "model_and_processor", "MODEL_HELP"]
+
+DEVICES = "cpu, cuda, cuda:N (a GPU index) or auto (cuda when available, else cpu)"
 
 MODEL_HELP = "'reference' (the shipped model), a checkpoint folder or a hub id"
 
@@ -28,12 +32,50 @@ def check_output_folder(path: str | Path, what: str = "output folder") -> Path:
     return path
 
 
+def check_count(name: str, value, minimum: int = 1) -> int:
+    """``value`` if it is an integer of at least ``minimum``; ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{name} must be an integer of at least {minimum}, got {value!r}")
+    return value
+
+
+def check_positive(name: str, value) -> float:
+    """``value`` as a float if it is a finite number > 0; ``ValueError`` naming ``name`` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
 def set_threads(threads: int | None) -> None:
+    """Use ``threads`` torch CPU threads (``None``: torch's choice); ``ValueError`` unless a positive integer."""
     if threads is None:
         return
-    if threads < 1:
-        raise ValueError(f"threads must be at least 1, got {threads}")
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise ValueError(f"threads must be an integer of at least 1, got {threads!r}")
     torch.set_num_threads(threads)
+
+
+def parse_device(text: str) -> torch.device:
+    """``text`` as a ``torch.device``: ``cpu``, ``cuda``, ``cuda:N`` or ``auto``; ``ValueError`` saying
+    what is valid otherwise, and when the CUDA device asked for is not there."""
+    if not isinstance(text, str):
+        raise ValueError(f"device must be {DEVICES}; got {text!r}")
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except (RuntimeError, ValueError):  # torch's own message lists every device type it was built with
+        raise ValueError(f"device must be {DEVICES}; got {text!r}") from None
+    if device.type not in ("cpu", "cuda") or (device.type == "cpu" and device.index not in (None, 0)):
+        raise ValueError(f"device must be {DEVICES}; got {text!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {text!r} requested but CUDA is not available")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {text!r} requested but this machine has {count} CUDA device(s): "
+                             f"cuda:0 to cuda:{count - 1}")
+    return device
 
 
 def model_and_processor(source: str, model=None, processor=None):

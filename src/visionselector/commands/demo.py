@@ -15,11 +15,10 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import torch
 
-from .common import check_output_folder, set_threads
+from .common import check_count, check_output_folder, check_positive, set_threads
 
 __all__ = ["DemoConfig", "run_demo"]
 
@@ -59,6 +58,7 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     from .train import TrainConfig, run_train
 
     config = config or DemoConfig()
+    _check(config)
     set_threads(config.threads)
     started = time.time()
     out = check_output_folder(config.out)
@@ -78,7 +78,8 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     selector = out / "selector"
     trained = run_train(TrainConfig(data=str(train_file), out=str(selector), model=config.model,
                                     retention=config.retention, epochs=config.epochs, batch_size=config.batch_size,
-                                    learning_rate=config.learning_rate, seed=config.seed, progress=config.progress),
+                                    learning_rate=config.learning_rate, seed=config.seed, progress=config.progress,
+                                    overwrite=True),
                         model=model, processor=processor, print_fn=print_fn)
 
     print_fn("[3/4] evaluating every method at every retention")
@@ -113,6 +114,28 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
     print_fn("  selector/       the trained selector   data/         the examples used")
     return {"records": evaluated["records"], "paths": evaluated["paths"], "pictures": pictures,
             "seconds": seconds, "targets": summary}
+
+
+def _check(config: DemoConfig) -> None:
+    """Every setting, before minutes of data writing and training."""
+    from ..methods import list_methods
+    from ..ops.topk import validate_retention
+
+    for name in ("train_samples", "test_samples", "batch_size"):
+        check_count(name, getattr(config, name))
+    check_count("show_examples", config.show_examples, 0)
+    if config.show_examples > config.test_samples:
+        raise ValueError(f"show_examples ({config.show_examples}) must be at most test_samples "
+                         f"({config.test_samples}): the drawings are of test examples")
+    check_positive("epochs", config.epochs)
+    check_positive("learning_rate", config.learning_rate)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {config.seed!r}")
+    for retention in (config.retention, config.show_retention, *config.retentions):
+        validate_retention(retention)
+    for method in config.show_methods:
+        if method not in list_methods():
+            raise ValueError(f"unknown method {method!r} in show_methods; known methods: {', '.join(list_methods())}")
 
 
 def _targets(records) -> dict:

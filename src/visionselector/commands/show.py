@@ -44,6 +44,10 @@ def run_show(config: ShowConfig, *, model=None, processor=None, print_fn=print) 
         raise ValueError("give either --data (and --index) or --image and --question")
     if config.max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be at least 1, got {config.max_new_tokens}")
+    if Path(config.out).is_dir():
+        raise ValueError(f"output {config.out} is a folder; give the PNG file to write "
+                         f"(e.g. {Path(config.out) / 'kept_tokens.png'})")
+    out = check_output_folder(Path(config.out).parent, "output folder") / Path(config.out).name
     if config.image is not None:
         if not config.question:
             raise ValueError("--image needs --question")
@@ -59,7 +63,6 @@ def run_show(config: ShowConfig, *, model=None, processor=None, print_fn=print) 
         if len(example.images) != 1 or example.videos:
             raise ValueError(f"{example.where}: show draws one image; this example has {len(example.images)} "
                              f"image(s) and {len(example.videos)} video(s)")
-    out = check_output_folder(Path(config.out).parent, "output folder") / Path(config.out).name
     model, processor = model_and_processor(config.model, model, processor)
     picture = show_selection(model, processor, load_image(example.images[0], example.where),
                              example.prompt_messages(), method=config.method, retention=config.retention,

@@ -36,9 +36,10 @@ def load_image(path: Path, where: str = ""):
 
 def load_examples(path: str | Path, limit: int | None = None, *, image_folder: str | Path | None = None
                   ) -> list[ConversationRecord]:
-    """The first ``limit`` (all if ``None``) records of a conversation JSONL file."""
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be at least 1, got {limit}")
+    """The first ``limit`` (all if ``None``) records of a conversation JSONL file (see
+    :func:`~visionselector.data.conversations.read_conversations` for what each line holds)."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be an integer of at least 1, got {limit!r}")
     records = read_conversations(path, image_folder=image_folder)[:limit]
     if not records:
         raise ValueError(f"{path} holds no examples")

@@ -53,12 +53,57 @@ class ConversationRecord:
         return messages
 
 
-def _paths(raw, key: str, where: str) -> list[str]:
+def _json_text(value, limit: int = 60) -> str:
+    """``value`` as it reads in the file (``null``, ``3``, ``{"a": 1}``), cut to ``limit`` characters."""
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _paths(raw: dict, key: str, where: str) -> list[str]:
+    """The ``image`` / ``video`` field as a list of path strings (absent: none)."""
+    valid = f"'{key}' must be a path string or a list of path strings (leave it out for none)"
     value = raw.get(key, [])
-    value = [value] if isinstance(value, str) else value
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError(f"{where}: '{key}' must be a path or a list of paths")
+    if isinstance(value, str):
+        value = [value]
+    elif not isinstance(value, list):
+        raise ValueError(f"{where}: {valid}, got {_json_text(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            raise ValueError(f"{where}: {valid}, got {_json_text(item)}"
+                             + (f" as item {index} of the list" if isinstance(raw[key], list) else ""))
     return value
+
+
+def _turns(raw, where: str) -> list[tuple[str, str]]:
+    """The ``conversations`` field as ``(role, text)`` pairs."""
+    if not isinstance(raw, dict):
+        raise ValueError(f"{where}: expected an object with a non-empty 'conversations' list, got {_json_text(raw)}")
+    conversation = raw.get("conversations")
+    if not isinstance(conversation, list) or not conversation:
+        got = ("no 'conversations' field" if "conversations" not in raw
+               else f"'conversations': {_json_text(conversation)}")
+        raise ValueError(f"{where}: expected an object with a non-empty 'conversations' list, got {got}")
+    turns = []
+    for number, turn in enumerate(conversation, start=1):
+        role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) and isinstance(turn.get("from"), str) else None
+        if role is None or not isinstance(turn.get("value"), str):
+            raise ValueError(f"{where}: turn {number} of 'conversations' needs 'from' (one of {', '.join(_ROLES)}) "
+                             f"and a string 'value', got {_json_text(turn)}")
+        turns.append((role, turn["value"]))
+    return turns
+
+
+def _lines(path: Path):
+    """``(line number, text)`` of each line of ``path``, which must be UTF-8 (a byte-order mark is dropped).
+
+    Split on the bytes ``\\n``, ``\\r\\n`` and ``\\r`` only: a JSON string may hold U+2028 and
+    other characters that ``str.splitlines`` would break a record at."""
+    for number, line in enumerate(path.read_bytes().splitlines(), start=1):
+        try:
+            yield number, line.decode("utf-8-sig" if number == 1 else "utf-8")
+        except UnicodeDecodeError as error:
+            raise ValueError(f"{path}:{number}: not UTF-8 text (byte {line[error.start:error.start + 1]!r} at "
+                             f"column {error.start + 1}); conversation files are UTF-8 JSONL") from None
 
 
 def read_conversations(path: str | Path, *, image_folder: str | Path | None = None,
@@ -74,7 +119,7 @@ def read_conversations(path: str | Path, *, image_folder: str | Path | None = No
     if not folder.is_dir():
         raise FileNotFoundError(f"image folder not found: {folder}")
     records = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in _lines(path):
         if not line.strip():
             continue
         where = f"{path}:{number}"
@@ -82,14 +127,7 @@ def read_conversations(path: str | Path, *, image_folder: str | Path | None = No
             raw = json.loads(line)
         except json.JSONDecodeError as error:
             raise ValueError(f"{where}: not valid JSON ({error})") from None
-        if not isinstance(raw, dict) or not isinstance(raw.get("conversations"), list) or not raw["conversations"]:
-            raise ValueError(f"{where}: expected an object with a non-empty 'conversations' list")
-        turns = []
-        for turn in raw["conversations"]:
-            role = _ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
-            if role is None or not isinstance(turn.get("value"), str):
-                raise ValueError(f"{where}: each turn needs 'from' (one of {', '.join(_ROLES)}) and a string 'value'")
-            turns.append((role, turn["value"]))
+        turns = _turns(raw, where)
         media = {}
         for key, tag in (("image", IMAGE_TAG), ("video", VIDEO_TAG)):
             files = _paths(raw, key, where)

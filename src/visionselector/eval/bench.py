@@ -48,12 +48,14 @@ class BenchConfig:
     new_tokens: int = field(default=16, metadata={"help": "tokens generated for the generate latency (0: skip)"})
     dtype: str = field(default="auto", metadata={"help": "float32, bfloat16 or auto (bfloat16 on CUDA)"})
     attn: str = field(default="sdpa", metadata={"help": "attention implementation: sdpa, eager, flash_attention_2"})
-    device: str = field(default="auto", metadata={"help": "cpu, cuda or auto"})
+    device: str = field(default="auto", metadata={"help": "cpu, cuda, cuda:N or auto (cuda when available)"})
     repeats: int = field(default=5, metadata={"help": "timed rounds over all variants"})
     warmup: int = field(default=1, metadata={"help": "untimed rounds first"})
     threads: int | None = field(default=None, metadata={"help": "torch CPU threads"})
     out: str | None = field(default=None, metadata={"help": "folder for bench.json and bench.png"})
     seed: int = field(default=0, metadata={"help": "seed of weights and inputs"})
+    progress: bool = field(default=True, metadata={
+        "help": "show a progress bar of rounds and variants on stderr (only when stderr is a terminal)"})
 
 
 @dataclass
@@ -70,17 +72,49 @@ class Variant:
 
 
 def _resolve(config: BenchConfig):
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if config.device == "auto" else config.device
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' requested but CUDA is not available")
+    from ..commands.common import parse_device
+
+    device = parse_device(config.device)
     names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if config.dtype == "auto":
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     elif config.dtype in names:
         dtype = names[config.dtype]
     else:
         raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {config.dtype!r}")
-    return torch.device(device), dtype
+    return device, dtype
+
+
+def _check_config(config: BenchConfig) -> list[float]:
+    """Every setting, before anything is built or timed; returns the retentions, largest first."""
+    from ..commands.common import check_count, check_output_folder
+    from ..methods import list_methods
+    from ..ops.topk import validate_retention
+
+    for method in config.methods:
+        if method not in list_methods():
+            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(list_methods())}")
+    if not config.methods:
+        raise ValueError("give at least one method to time")
+    retentions = sorted({validate_retention(r) for r in config.retentions}, reverse=True)
+    if not retentions:
+        raise ValueError("give at least one retention")
+    for name, minimum in (("batch_size", 1), ("repeats", 1), ("warmup", 0), ("image_size", 1), ("frames", 0),
+                          ("prompt_tokens", 0), ("new_tokens", 0), ("text_layers", 1), ("vision_layers", 1)):
+        if getattr(config, name) is not None or name not in ("text_layers", "vision_layers"):
+            check_count(name, getattr(config, name), minimum)
+    if isinstance(config.seed, bool) or not isinstance(config.seed, int) or not 0 <= config.seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2**64), got {config.seed!r}")
+    if config.out is not None:
+        check_output_folder(config.out)
+    return retentions
+
+
+def _progress_bar(total: int, enabled: bool):
+    """A bar on stderr; with ``enabled`` it still shows only when stderr is a terminal (tqdm's ``disable=None``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="benchmark", unit="run", disable=None if enabled else True)
 
 
 def build_model(config: BenchConfig, device, dtype):
@@ -251,17 +285,11 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
     """Time every (method, retention), the unpatched model and the limits; return the report."""
     import visionselector as vs
 
-    from ..methods import list_methods
-    from ..ops.topk import token_budget, validate_retention
+    from ..commands.common import set_threads
+    from ..ops.topk import token_budget
 
-    for method in config.methods:
-        if method not in list_methods():
-            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(list_methods())}")
-    retentions = sorted({validate_retention(r) for r in config.retentions}, reverse=True)
-    if config.repeats < 1:
-        raise ValueError(f"repeats must be at least 1, got {config.repeats}")
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    retentions = _check_config(config)
+    set_threads(config.threads)
     device, dtype = _resolve(config)
     model, description = build_model(config, device, dtype)
     batch = build_inputs(model, config, device)
@@ -310,37 +338,55 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
                 variant.generate_ms.append(elapsed)
 
     limit_runs = {kept: _limit_runner(model, batch, kept, text_tokens, device, dtype) for kept in limits}
-    from tqdm.auto import tqdm
-
     rounds = config.warmup + config.repeats
-    progress = tqdm(total=rounds, desc="benchmark rounds", unit="round", disable=None)
-    for round_index in range(rounds):
-        timed = round_index >= config.warmup
-        measure_once(baseline, timed, prefill, True)
+    per_round = 1 + len(limits) + len(variants)
+    # Every run of every round, then the FLOP-counting pass: on a large model each is seconds.
+    progress = _progress_bar((rounds + 1) * per_round, config.progress)
+
+    def step(stage: str, label: str) -> None:
+        progress.set_postfix_str(f"{stage}: {label}", refresh=False)
+
+    try:
+        for round_index in range(rounds):
+            timed = round_index >= config.warmup
+            stage = f"round {round_index + 1}/{rounds}" + ("" if timed else " (warm-up)")
+            step(stage, BASELINE)
+            measure_once(baseline, timed, prefill, True)
+            progress.update(1)
+            for kept, variant in limits.items():
+                step(stage, f"limit {kept} tokens")
+                measure_once(variant, timed, limit_runs[kept], False)
+                progress.update(1)
+            for method in config.methods:
+                with vs.attached(model, method=method, retention=retentions[0]):
+                    for r in retentions:
+                        step(stage, f"{method} r={r:g}")
+                        vs.set_retention(model, r)
+                        measure_once(variants[(method, r)], timed, prefill, True)
+                        progress.update(1)
+
+        # One more prefill per variant, outside the timed rounds, for FLOPs, tokens and cache size.
+        step("FLOPs", BASELINE)
+        baseline.flops = _flops_by_part(model, prefill)
+        baseline.kv_cache_mib = _cache_mib(prefill().past_key_values)
+        progress.update(1)
         for kept, variant in limits.items():
-            measure_once(variant, timed, limit_runs[kept], False)
+            step("FLOPs", f"limit {kept} tokens")
+            variant.flops = _flops_by_part(model, limit_runs[kept])
+            progress.update(1)
         for method in config.methods:
             with vs.attached(model, method=method, retention=retentions[0]):
                 for r in retentions:
+                    step("FLOPs", f"{method} r={r:g}")
                     vs.set_retention(model, r)
-                    measure_once(variants[(method, r)], timed, prefill, True)
-        progress.update(1)
-    progress.close()
-
-    # One more prefill per variant, outside the timed rounds, for FLOPs, tokens and cache size.
-    baseline.flops = _flops_by_part(model, prefill)
-    baseline.kv_cache_mib = _cache_mib(prefill().past_key_values)
-    for kept, variant in limits.items():
-        variant.flops = _flops_by_part(model, limit_runs[kept])
-    for method in config.methods:
-        with vs.attached(model, method=method, retention=retentions[0]):
-            for r in retentions:
-                vs.set_retention(model, r)
-                variant = variants[(method, r)]
-                variant.flops = _flops_by_part(model, prefill)
-                variant.kv_cache_mib = _cache_mib(prefill().past_key_values)
-                variant.tokens_kept = statistics.mean(len(s) for s in vs.last_selection(model))
-                variant.attn_while_attached = model.config.text_config._attn_implementation
+                    variant = variants[(method, r)]
+                    variant.flops = _flops_by_part(model, prefill)
+                    variant.kv_cache_mib = _cache_mib(prefill().past_key_values)
+                    variant.tokens_kept = statistics.mean(len(s) for s in vs.last_selection(model))
+                    variant.attn_while_attached = model.config.text_config._attn_implementation
+                    progress.update(1)
+    finally:
+        progress.close()
 
     records = _records(baseline, variants, limits, visual_per_sample)
     report = {

@@ -41,10 +41,12 @@ class QualityRecord:
 def parse_method_options(items, methods) -> dict[str, dict]:
     """``["dart.layer=0", "fastv.layer=0"]`` -> ``{"dart": {"layer": 0}, "fastv": {"layer": 0}}``.
 
-    Values read as int, float, ``true``/``false`` or else text. Each method must be among
-    ``methods`` and each option a parameter of that method's constructor.
+    Values read as int, float, ``true``/``false``, ``none`` or else text. Each method must be
+    among ``methods``, each option one of that method's options, and each value of the
+    option's type and in its range (:func:`~visionselector.methods.base.check_options`), so
+    that a mistake stops the run before any model loads.
     """
-    from ..methods.base import get_method_class, method_options
+    from ..methods.base import check_options, get_method_class, method_options
 
     options: dict[str, dict] = {}
     for item in items:
@@ -59,12 +61,16 @@ def parse_method_options(items, methods) -> dict[str, dict]:
         if option not in accepted:
             raise ValueError(f"method {method!r} has no option {option!r}; its options: {', '.join(accepted) or 'none'}")
         options.setdefault(method, {})[option] = _option_value(value)
+    for method, values in options.items():
+        options[method] = check_options(get_method_class(method), values)
     return options
 
 
 def _option_value(text: str):
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
+    if text.lower() == "none":
+        return None
     for kind in (int, float):
         try:
             return kind(text)
@@ -198,6 +204,7 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
 
     from ..data.batches import ExampleBatches
     from ..methods import list_methods
+    from ..methods.base import check_options, get_method_class
     from ..models import greedy_settings
     from ..ops.topk import validate_retention
     from .metrics import METRICS
@@ -214,6 +221,9 @@ def evaluate_methods(model, processor, examples, *, methods: list[str], retentio
     if stray:
         raise ValueError(f"options given for {', '.join(map(repr, stray))}, which is not evaluated; "
                          f"evaluated methods: {', '.join(methods)}")
+    # Checked now: each method is attached only after the full-token run.
+    method_options = {method: check_options(get_method_class(method), chosen)
+                      for method, chosen in method_options.items()}
     if "visionselector" in methods and selector is None:
         raise ValueError("method 'visionselector' needs a trained selector (a directory written by save_selector)")
     if vs.is_attached(model):

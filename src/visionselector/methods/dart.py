@@ -9,13 +9,23 @@ kept; the rest of the budget goes to the visual tokens whose hidden states after
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
 from ..ops.topk import hard_topk
-from .base import InsideLLMMethod, Selection, VisualTokens, register_method
+from .base import InsideLLMMethod, LayerOptions, Selection, VisualTokens, check_options, register_method
 
-__all__ = ["DartMethod"]
+__all__ = ["DartMethod", "DartOptions"]
+
+
+@dataclass
+class DartOptions(LayerOptions):
+    """Options of :class:`DartMethod`."""
+
+    num_pivots: int = field(default=8, metadata={"help": "pivot tokens per sample (capped by the budget)",
+                                                 "at_least": 1})
 
 
 @register_method
@@ -25,12 +35,11 @@ class DartMethod(InsideLLMMethod):
     name = "dart"
     description = "keep visual tokens least similar to a few high key-norm pivots at LLM layer K (DART)"
     needs = frozenset({"key_norms"})
+    options_class = DartOptions
 
     def __init__(self, hidden_size: int, layer: int = 2, num_pivots: int = 8) -> None:
         super().__init__(hidden_size, layer)
-        if num_pivots < 1:
-            raise ValueError(f"num_pivots must be at least 1, got {num_pivots}")
-        self.num_pivots = int(num_pivots)
+        self.num_pivots = check_options(type(self), {"num_pivots": num_pivots})["num_pivots"]
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         pivots = hard_topk(tokens.key_norms.float(), torch.clamp(budget, max=self.num_pivots), mask=tokens.valid)

@@ -2,11 +2,22 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 
-from .base import SelectionMethod, register_method
+from .base import SelectionMethod, check_options, register_method
 
-__all__ = ["RandomMethod"]
+__all__ = ["RandomMethod", "RandomOptions"]
+
+
+@dataclass
+class RandomOptions:
+    """Options of :class:`RandomMethod`."""
+
+    # torch.Generator.manual_seed takes [0, 2**64) (negative seeds would alias positive ones).
+    seed: int = field(default=0, metadata={"help": "seed of the generator; the same inputs give the same selection",
+                                           "at_least": 0, "below": 2**64})
 
 
 @register_method
@@ -19,10 +30,11 @@ class RandomMethod(SelectionMethod):
 
     name = "random"
     description = "uniformly random subset of the visual tokens (seeded, a floor for comparisons)"
+    options_class = RandomOptions
 
     def __init__(self, hidden_size: int, seed: int = 0) -> None:
         super().__init__(hidden_size)
-        self.seed = int(seed)
+        self.seed = check_options(type(self), {"seed": seed})["seed"]
 
     def scores(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         # One stream per sample, so a sample's selection does not depend on its batch.

@@ -11,13 +11,14 @@ key, ``s_i = mean_j <q_i, k_j> / sqrt(h)``. Because the mean is linear, this equ
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from .base import SelectionMethod, register_method
+from .base import SelectionMethod, check_options, check_value, register_method
 
-__all__ = ["ImportanceScorer", "VisionSelectorMethod"]
+__all__ = ["ImportanceScorer", "VisionSelectorMethod", "VisionSelectorOptions"]
 
 
 class ImportanceScorer(nn.Module):
@@ -35,15 +36,18 @@ class ImportanceScorer(nn.Module):
 
     def __init__(self, in_features: int, hidden_dim: int | None = None, *, init_std: float = 1e-4) -> None:
         super().__init__()
+        in_features = check_value("ImportanceScorer in_features", in_features, int, at_least=1)
+        hidden_dim = check_value("ImportanceScorer hidden_dim", hidden_dim, int, optional=True, at_least=1)
         if hidden_dim is None:
             hidden_dim = in_features // 2
-        if in_features < 1 or hidden_dim < 1:
-            raise ValueError(f"in_features and hidden_dim must be positive, got {in_features} and {hidden_dim}")
+        if hidden_dim < 1:
+            raise ValueError(f"ImportanceScorer hidden_dim defaults to in_features // 2, which is 0 for in_features "
+                             f"{in_features}; give hidden_dim (an integer >= 1)")
         self.in_features = in_features
         self.hidden_dim = hidden_dim
         self.query = nn.Linear(in_features, hidden_dim)
         self.key = nn.Linear(in_features, hidden_dim)
-        self.init_std = init_std
+        self.init_std = check_value("ImportanceScorer init_std", init_std, float, above=0.0)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -75,6 +79,18 @@ class ImportanceScorer(nn.Module):
         return f"in_features={self.in_features}, hidden_dim={self.hidden_dim}"
 
 
+@dataclass
+class VisionSelectorOptions:
+    """Options of :class:`VisionSelectorMethod`."""
+
+    hidden_dim: int | None = field(default=None, metadata={
+        "help": "width h of the scorer's queries and keys (None: half the language model's hidden size)",
+        "at_least": 1})
+    # A zero std would start every weight at 0, where the scorer's gradients vanish too.
+    init_std: float = field(default=1e-4, metadata={"help": "standard deviation of the scorer's initial weights",
+                                                    "above": 0.0})
+
+
 @register_method
 class VisionSelectorMethod(SelectionMethod):
     """Keeps the tokens a trained :class:`ImportanceScorer` ranks highest."""
@@ -82,10 +98,12 @@ class VisionSelectorMethod(SelectionMethod):
     name = "visionselector"
     description = "learned importance scorer with differentiable top-k (VisionSelector)"
     trainable = True
+    options_class = VisionSelectorOptions
 
     def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4) -> None:
         super().__init__(hidden_size)
-        self.scorer = ImportanceScorer(hidden_size, hidden_dim, init_std=init_std)
+        options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std})
+        self.scorer = ImportanceScorer(hidden_size, options["hidden_dim"], init_std=options["init_std"])
 
     def scores(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.scorer(features, mask)

@@ -12,13 +12,24 @@ and each target becomes the mean of its group, at the target's place and positio
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 import torch.nn.functional as F
 
 from ..ops.topk import hard_topk
-from .base import Selection, SelectionMethod, VisualTokens, register_method
+from .base import Selection, SelectionMethod, VisualTokens, check_options, register_method
 
-__all__ = ["VisionZipMethod", "merge_contextual"]
+__all__ = ["VisionZipMethod", "VisionZipOptions", "merge_contextual"]
+
+
+@dataclass
+class VisionZipOptions:
+    """Options of :class:`VisionZipMethod`."""
+
+    # Below 1 so that at least one dominant token is kept whenever the budget is positive.
+    contextual_ratio: float = field(default=0.15, metadata={
+        "help": "share of the budget spent on merged contextual tokens", "at_least": 0.0, "below": 1.0})
 
 
 def merge_contextual(features: torch.Tensor, rest: torch.Tensor, count: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -45,12 +56,11 @@ class VisionZipMethod(SelectionMethod):
     name = "visionzip"
     description = "dominant tokens by encoder attention received, plus merged contextual tokens (VisionZip)"
     needs = frozenset({"encoder_attention"})
+    options_class = VisionZipOptions
 
     def __init__(self, hidden_size: int, contextual_ratio: float = 0.15) -> None:
         super().__init__(hidden_size)
-        if not 0.0 <= contextual_ratio < 1.0:
-            raise ValueError(f"contextual_ratio must be in [0, 1), got {contextual_ratio}")
-        self.contextual_ratio = float(contextual_ratio)
+        self.contextual_ratio = check_options(type(self), {"contextual_ratio": contextual_ratio})["contextual_ratio"]
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         keep = torch.zeros_like(tokens.valid)

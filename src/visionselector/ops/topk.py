@@ -8,33 +8,94 @@ entries only.
 from __future__ import annotations
 
 import math
+import numbers
+from fractions import Fraction
 
 import torch
 
 __all__ = [
     "validate_retention",
+    "validate_loss_weight",
     "token_budget",
     "hard_topk",
     "soft_topk",
 ]
 
-# Budgets are computed as floor(retention * N) after rounding the product to this many
-# decimals, so that 0.29 * 100 gives 29 (the float product is 28.999999999999996).
-_BUDGET_DECIMALS = 6
+# Denominators below this keep the budget's integer arithmetic inside int64 for every
+# count: (N mod q) * p < q * q <= 2**62 (see token_budget).
+_TENSOR_DENOMINATOR_LIMIT = 2**31
+
+
+def _shortest_decimal(value: float, same) -> float:
+    """The shortest decimal that ``same`` maps back to ``value``: a float32 ``0.29`` is
+    0.28999999165534973 as a double, but it was written, and is meant, as 0.29."""
+    for digits in range(1, 18):
+        candidate = float(f"{value:.{digits}g}")
+        if same(candidate):
+            return candidate
+    return value
+
+
+def _plain_number(value):
+    """``value`` as a Python number if it is one: a number, a NumPy scalar or a 0-d tensor or
+    array (floats narrower than float64 as the decimal they were written as); else ``value``."""
+    if isinstance(value, (str, bytes)) or getattr(value, "ndim", None) != 0 or not hasattr(value, "item"):
+        return value
+    number = value.item()
+    dtype = getattr(value, "dtype", None)
+    if isinstance(number, float) and math.isfinite(number):
+        if torch.is_tensor(value) and dtype != torch.float64:
+            return _shortest_decimal(number, lambda c: torch.tensor(c, dtype=dtype).item() == number)
+        if not torch.is_tensor(value) and getattr(dtype, "itemsize", 8) < 8:  # NumPy float16 / float32
+            return _shortest_decimal(number, lambda c: dtype.type(c).item() == number)
+    return number
+
+
+def _described(value) -> str:
+    shape = getattr(value, "shape", None)
+    if shape is not None and not isinstance(value, (str, bytes)) and len(shape) > 0:
+        return f"{type(value).__name__} of shape {tuple(shape)} (give one number)"
+    return repr(value)
 
 
 def validate_retention(retention: float) -> float:
-    """Return ``retention`` as a float, or raise ``ValueError`` unless it lies in (0, 1]."""
-    if isinstance(retention, bool) or not isinstance(retention, (int, float)):
-        raise ValueError(f"retention must be a number in (0, 1], got {retention!r}")
-    retention = float(retention)
+    """Return ``retention`` as a float, or raise ``ValueError`` unless it lies in (0, 1].
+
+    Python numbers, NumPy scalars and 0-d tensors are accepted (a float32 ``0.3`` reads as
+    0.3); bools, strings and tensors or arrays of several values are not.
+    """
+    number = _plain_number(retention)
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise ValueError(f"retention must be a number in (0, 1], got {_described(retention)}")
+    retention = float(number)
     if math.isnan(retention) or not 0.0 < retention <= 1.0:
         raise ValueError(f"retention must be in (0, 1] (the fraction of visual tokens kept), got {retention}")
     return retention
 
 
+def validate_loss_weight(value) -> float:
+    """Return the selection loss weight ``value`` as a float, or raise ``ValueError`` unless it is
+    a finite number >= 0 (Python numbers, NumPy scalars and 0-d tensors; not bools)."""
+    number = _plain_number(value)
+    if isinstance(number, bool) or not isinstance(number, numbers.Real):
+        raise ValueError(f"selection_loss_weight must be a finite number >= 0, got {_described(value)}")
+    try:
+        weight = float(number)
+    except OverflowError:  # an int too large for a float
+        weight = math.inf
+    if not math.isfinite(weight) or weight < 0:
+        raise ValueError(f"selection_loss_weight must be a finite number >= 0 (the weight of the selection loss "
+                         f"added to the language loss), got {weight}")
+    return weight
+
+
 def token_budget(retention: float, counts: torch.Tensor) -> torch.Tensor:
     """Per-sample budget ``k = max(1, floor(retention * N))``; 0 where ``N == 0``.
+
+    ``retention`` is read as the decimal it was written as (the shortest ``repr`` of the
+    float, so ``0.29`` is 29/100, not the double just below it) and the floor is taken
+    exactly in integers: ``0.29 * 100`` gives 29 although the float product is
+    28.999999999999996, and ``0.99999995 * 10`` gives 9.
 
     Args:
         retention: fraction of visual tokens kept, in (0, 1].
@@ -47,9 +108,16 @@ def token_budget(retention: float, counts: torch.Tensor) -> torch.Tensor:
     counts = torch.as_tensor(counts, dtype=torch.long)
     if retention == 1.0:
         return counts.clone()
-    scaled = counts.to(torch.float64) * retention
-    scale = 10.0**_BUDGET_DECIMALS
-    budget = torch.floor(torch.round(scaled * scale) / scale).to(torch.long)
+    exact = Fraction(repr(retention))
+    p, q = exact.numerator, exact.denominator
+    if q < _TENSOR_DENOMINATOR_LIMIT:
+        # floor(p * N / q) = (N div q) * p + floor((N mod q) * p / q): no term leaves int64
+        # (the first is at most N, the product in the second below q * q).
+        budget = torch.div(counts, q, rounding_mode="floor") * p + torch.div(
+            torch.remainder(counts, q) * p, q, rounding_mode="floor")
+    else:
+        # Long decimals (0.3333333333333333 is over 10**16ths): exact Python integers, per sample.
+        budget = torch.tensor([p * n // q for n in counts.tolist()], dtype=torch.long).to(counts.device)
     budget = torch.clamp(budget, min=1)
     return torch.where(counts > 0, torch.minimum(budget, counts), torch.zeros_like(counts))
 

@@ -11,20 +11,29 @@ the callback and saves only the selector), e.g. under ``torchrun``.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
-from pathlib import Path
+import numbers
+import os
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Iterable, Mapping
 
 import torch
 
-from ..api import attach, get_method, get_state, is_attached, save_selector, set_selection_loss_weight
+from ..api import attach, detach, get_method, get_state, is_attached, save_selector, set_selection_loss_weight
+from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_selector, sync_path, temporary_name
+from ..ops.topk import validate_retention
 
 __all__ = [
     "CurriculumSchedule",
     "SelectorTrainingConfig",
     "freeze_for_selector_training",
     "train_selector",
+    "check_resume",
+    "recover_checkpoint",
+    "remove_checkpoint",
     "CurriculumCallback",
     "SelectorTrainer",
 ]
@@ -72,6 +81,27 @@ class SelectorTrainingConfig:
     def help(cls) -> dict[str, str]:
         return {f.name: f.metadata.get("help", "") for f in fields(cls)}
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first setting out of its range (and the range)."""
+        validate_retention(self.retention)
+        for name, least, strict in (("learning_rate", 0.0, True), ("weight_decay", 0.0, False),
+                                    ("lambda_start", 0.0, False), ("lambda_end", 0.0, False),
+                                    ("max_grad_norm", 0.0, False)):
+            value = getattr(self, name)
+            if not _is_number(value) or not math.isfinite(value) or value < least or (strict and value == least):
+                raise ValueError(f"{name} must be a finite number {'>' if strict else '>='} {least:g}, got {value!r}")
+        if not _is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio <= 1.0:
+            raise ValueError(f"warmup_ratio must be a number in [0, 1] (the fraction of steps that warm up), "
+                             f"got {self.warmup_ratio!r}")
+        if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or isinstance(self.hidden_dim, bool)
+                                            or self.hidden_dim < 1):
+            raise ValueError(f"hidden_dim must be None (hidden size // 2) or an integer of at least 1, "
+                             f"got {self.hidden_dim!r}")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
 
 def freeze_for_selector_training(model) -> list[str]:
     """Freeze every parameter but the attached method's; return the trainable names.
@@ -106,7 +136,7 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
 def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
                    config: SelectorTrainingConfig | None = None, output_dir: str | None = None,
                    log_every: int = 0, checkpoint_dir: str | None = None, save_every: int = 0,
-                   resume: bool = False) -> list[dict]:
+                   resume: bool = False, run_settings: Mapping | None = None) -> list[dict]:
     """Train a VisionSelector scorer on ``model`` (frozen) for ``steps`` optimizer steps.
 
     Args:
@@ -116,29 +146,109 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
         config: learning rate, curriculum ends and the rest (:class:`SelectorTrainingConfig`).
         output_dir: if given, the selector is saved there at the end.
         log_every: print a line every this many steps (0: never; the progress bar shows the loss).
-        checkpoint_dir: where to keep a resumable checkpoint (the selector, optimizer,
-            schedule and step), written every ``save_every`` steps and at the end.
+        checkpoint_dir: a folder of its own for a resumable checkpoint (the selector,
+            optimizer, schedule, step and the run's settings), written every ``save_every``
+            steps and at the end. Each save writes a complete new folder beside it and swaps
+            it in, so a run killed at any moment leaves the previous checkpoint or the new
+            one, whole.
         save_every: checkpoint interval in steps (0: only at the end).
-        resume: continue from ``checkpoint_dir`` if it holds a checkpoint. The run then
-            skips the batches already seen (``batches.skip(n)`` if the iterable has it,
-            otherwise by drawing them) and ends exactly as an uninterrupted run would.
+        resume: continue from the checkpoint in ``checkpoint_dir`` (an error if there is
+            none). The run then skips the batches already seen (``batches.skip(n)`` if the
+            iterable has it, otherwise by drawing them) and ends exactly as an
+            uninterrupted run would. Settings that change the result (``config`` but
+            ``progress``, ``steps``, the method's options, the model's hidden size and
+            ``run_settings``) must be the checkpoint's; an error lists those that differ.
+        run_settings: more settings of the run that a resumed run must share (the data,
+            the batch size, a seed, ...); JSON values.
+
+    The model is left as it was found: every parameter's ``requires_grad``, every module's
+    train/eval mode and, if a method was attached, its retention, training retention and
+    selection-loss weight are restored, also when training fails. Only the trained weights
+    stay. A method this function attached itself stays attached in eval mode (hard
+    selection) once training has begun, so an interrupted run keeps what it learned; an
+    error before that detaches it again.
 
     Returns:
         One record per step: ``step``, ``loss``, ``language_loss``, ``selection_loss``,
         ``lambda``, ``lr``.
     """
     config = config or SelectorTrainingConfig()
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    if not is_attached(model):
+    config.validate()
+    _check_run_arguments(steps, log_every, save_every, checkpoint_dir, resume)
+    if checkpoint_dir is not None:
+        _check_checkpoint_folder(checkpoint_dir)
+    if is_attached(model):
+        _check_attached_method(model, config)
+    restore = _remember_user_state(model)
+    attached_here = not is_attached(model)
+    if attached_here:
         options = {} if config.hidden_dim is None else {"hidden_dim": config.hidden_dim}
         attach(model, method="visionselector", retention=config.retention, **options)
+    started = False
+    try:
+        state = get_state(model)
+        settings = _run_settings(model, config, steps, run_settings)
+        saved = _read_checkpoint(checkpoint_dir, settings) if resume else None
+        state.retention = config.retention
+        state.training_retention = config.retention
+        freeze_for_selector_training(model)
+        started = True
+        history = _train(model, batches, steps, config, log_every, checkpoint_dir, save_every, settings, saved)
+        if output_dir is not None:
+            save_selector(model, output_dir)
+        return history
+    finally:
+        get_method(model).eval()
+        restore()
+        if attached_here and not started:
+            detach(model)
+
+
+def _check_run_arguments(steps, log_every, save_every, checkpoint_dir, resume) -> None:
+    for name, value, least in (("steps", steps, 1), ("log_every", log_every, 0), ("save_every", save_every, 0)):
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < least:
+            raise ValueError(f"{name} must be an integer of at least {least}, got {value!r}")
+    if resume and checkpoint_dir is None:
+        raise ValueError("resume=True needs checkpoint_dir, the folder that holds the checkpoint to continue")
+
+
+def _check_attached_method(model, config: SelectorTrainingConfig) -> None:
     state = get_state(model)
     if not state.method.trainable:
         raise ValueError(f"method {state.method_name!r} is training-free; attach 'visionselector' to train")
-    state.retention = config.retention
-    state.training_retention = config.retention
-    freeze_for_selector_training(model)
+    width = state.method.config_dict().get("hidden_dim")
+    if config.hidden_dim is not None and width != config.hidden_dim:
+        raise ValueError(f"config.hidden_dim is {config.hidden_dim}, but the attached scorer has hidden_dim {width}; "
+                         "leave hidden_dim unset to train the attached scorer, or attach one of that width")
+
+
+def _remember_user_state(model):
+    """What training changes on ``model``, and a function that puts it back.
+
+    Each parameter's ``requires_grad`` and each module's own training flag (set one by
+    one: ``Module.train`` would spread one flag over all submodules), and the attached
+    method's retention and loss weight, which the run sets to its own.
+    """
+    gradients = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
+    modes = [(module, module.training) for module in model.modules()]
+    state = get_state(model) if is_attached(model) else None
+    values = None if state is None else (state.retention, state.training_retention, state.selection_loss_weight)
+
+    def restore() -> None:
+        for parameter, requires_grad in gradients:
+            parameter.requires_grad_(requires_grad)
+        for module, training in modes:
+            module.training = training
+        if state is not None:
+            state.retention, state.training_retention, state.selection_loss_weight = values
+
+    return restore
+
+
+def _train(model, batches, steps: int, config: SelectorTrainingConfig, log_every: int, checkpoint_dir,
+           save_every: int, settings: dict, saved: dict | None) -> list[dict]:
+    """The training loop, from the start or from the checkpoint ``saved``."""
+    state = get_state(model)
     parameters = [p for p in state.method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, int(round(config.warmup_ratio * steps)), steps)
@@ -146,8 +256,11 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
     device = model.get_input_embeddings().weight.device
 
     history, first_step = [], 0
-    if resume and checkpoint_dir is not None and _checkpoint_file(checkpoint_dir).is_file():
-        first_step, history = _load_checkpoint(checkpoint_dir, model, optimizer, scheduler, steps)
+    if saved is not None:
+        state.method.load_state_dict(saved["selector"], strict=True)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        first_step, history = int(saved["step"]), list(saved["history"])
         if hasattr(batches, "skip"):
             batches.skip(first_step)
     progress = None
@@ -190,45 +303,198 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
             if log_every and (step + 1) % log_every == 0:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if checkpoint_dir is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
-                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step + 1, steps, history)
+                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step + 1, history, settings)
     finally:
         if progress is not None:
             progress.close()
-        state.method.eval()
-    if output_dir is not None:
-        save_selector(model, output_dir)
     return history
 
 
-def _checkpoint_file(directory) -> Path:
-    return Path(directory) / "trainer_state.pt"
+# Settings that do not change what a run computes, so a resumed run may change them.
+_FREE_SETTINGS = ("progress",)
 
 
-def _save_checkpoint(directory, model, optimizer, scheduler, step: int, steps: int, history: list) -> None:
-    directory = Path(directory)
-    save_selector(model, directory)
-    temporary = directory / "trainer_state.tmp"
-    torch.save({"step": step, "steps": steps, "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "history": history}, temporary)
-    temporary.replace(_checkpoint_file(directory))  # atomic: an interrupted save leaves the last good one
+def _run_settings(model, config: SelectorTrainingConfig, steps: int, extra: Mapping | None) -> dict:
+    """Everything a resumed run must share with the checkpoint, as JSON values."""
+    state = get_state(model)
+    # The scorer's resolved width stands for hidden_dim: unset and its default value are the same run.
+    return _settings(config, extra, steps=steps, method=state.method_name, method_config=state.method.config_dict(),
+                     hidden_size=state.adapter.hidden_size(model))
 
 
-def _load_checkpoint(directory, model, optimizer, scheduler, steps: int) -> tuple[int, list]:
-    from ..checkpoint import read_selector
-
+def _settings(config: SelectorTrainingConfig, extra: Mapping | None, **own) -> dict:
+    settings = {f.name: getattr(config, f.name) for f in fields(SelectorTrainingConfig)
+                if f.name not in _FREE_SETTINGS and f.name != "hidden_dim"}
+    settings.update(own)
+    extra = dict(extra or {})
+    clash = sorted(set(extra) & set(settings))
+    if clash:
+        raise ValueError(f"run_settings may not redefine the run's own settings: {', '.join(clash)}")
+    settings.update(extra)
     try:
-        saved = torch.load(_checkpoint_file(directory), weights_only=True)
-        step, saved_steps = int(saved["step"]), int(saved["steps"])
+        return json.loads(json.dumps(settings, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"run_settings must hold JSON values (numbers, strings, lists, ...): {error}") from None
+
+
+def _changed_settings(saved: dict, current: dict) -> list[str]:
+    """``name: checkpoint value -> this run's value`` for each setting that differs."""
+    missing = object()  # a setting only one side has (one added to run_settings, say)
+    lines = []
+    for name in sorted(set(saved) | set(current)):
+        before, after = saved.get(name, missing), current.get(name, missing)
+        if before == after:
+            continue
+        line = f"{name}: " + " -> ".join("(not set)" if v is missing else repr(v) for v in (before, after))
+        if name == "steps":
+            line += f" (a run of {before} steps cannot go on as one of {after}: the schedule depends on the length)"
+        lines.append(line)
+    return lines
+
+
+# A checkpoint folder holds the selector files and the trainer state; nothing else is
+# ever written or deleted there.
+STATE_NAME = "trainer_state.pt"
+# (trainer_state.tmp: what earlier versions wrote the trainer state to before renaming it.)
+_CHECKPOINT_FILES = (CONFIG_NAME, WEIGHTS_NAME, STATE_NAME, "trainer_state.tmp")
+
+
+def _checkpoint_file(directory) -> Path:
+    return Path(directory) / STATE_NAME
+
+
+def _swap_folders(directory) -> tuple[Path, Path]:
+    """The folders beside a checkpoint: the next one being written, and the last one moved aside."""
+    directory = Path(os.path.abspath(directory))
+    return directory.with_name(directory.name + ".tmp"), directory.with_name(directory.name + ".old")
+
+
+def _check_checkpoint_folder(directory) -> None:
+    """Refuse a checkpoint folder that holds other files: each save replaces the whole folder."""
+    for folder in (Path(directory), *_swap_folders(directory)):
+        if not folder.exists():
+            continue
+        if not folder.is_dir():
+            raise ValueError(f"checkpoint folder {folder} is a file")
+        allowed = {*_CHECKPOINT_FILES, *(temporary_name(Path(name)).name for name in _CHECKPOINT_FILES)}
+        foreign = sorted(path.name for path in folder.iterdir() if path.name not in allowed)
+        if foreign:
+            raise ValueError(f"checkpoint folder {folder} holds other files ({', '.join(foreign[:5])}); every save "
+                             "replaces the whole folder, so give the checkpoint a folder of its own")
+
+
+def _remove_folder(folder: Path) -> None:
+    """Delete a checkpoint folder file by file (only the files a checkpoint holds), then the folder."""
+    if not folder.exists():
+        return
+    for name in _CHECKPOINT_FILES:
+        for path in (folder / name, temporary_name(folder / name)):
+            path.unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def recover_checkpoint(directory) -> Path | None:
+    """The complete checkpoint in ``directory``, or ``None``; finishes a save that was cut off.
+
+    A save writes ``DIR.tmp``, renames ``DIR`` to ``DIR.old`` and ``DIR.tmp`` to ``DIR``,
+    then deletes ``DIR.old``. ``DIR`` is therefore always complete when it exists; a kill
+    between the two renames leaves only ``DIR.old``, which is the last checkpoint.
+    """
+    directory = Path(directory)
+    _, previous = _swap_folders(directory)
+    if not directory.exists() and previous.is_dir():
+        previous.rename(directory)
+        sync_path(directory.parent)
+    elif previous.exists():
+        _remove_folder(previous)
+    return directory if _checkpoint_file(directory).is_file() else None
+
+
+def remove_checkpoint(directory) -> None:
+    """Delete the checkpoint in ``directory`` and any half-finished save beside it."""
+    _check_checkpoint_folder(directory)
+    for folder in (Path(directory), *_swap_folders(directory)):
+        _remove_folder(folder)
+
+
+def _save_checkpoint(directory, model, optimizer, scheduler, step: int, history: list, settings: dict) -> None:
+    directory = Path(directory)
+    temporary, previous = _swap_folders(directory)
+    recover_checkpoint(directory)
+    _remove_folder(temporary)  # a save cut off before its swap
+    save_selector(model, temporary)
+    trainer_state = {"step": step, "steps": settings["steps"], "optimizer": optimizer.state_dict(),
+                     "scheduler": scheduler.state_dict(), "history": history, "settings": settings,
+                     "selector_sha256": _selector_digest(temporary)}
+    torch.save(trainer_state, temporary / STATE_NAME)
+    sync_path(temporary / STATE_NAME)
+    sync_path(temporary)
+    if directory.exists():
+        directory.rename(previous)
+    temporary.rename(directory)
+    sync_path(directory.parent)
+    _remove_folder(previous)
+
+
+def _selector_digest(directory: Path) -> str:
+    """sha256 of the selector files, stored with the trainer state to prove they belong together."""
+    digest = hashlib.sha256()
+    for name in (CONFIG_NAME, WEIGHTS_NAME):
+        digest.update((directory / name).read_bytes())
+    return digest.hexdigest()
+
+
+def check_resume(checkpoint_dir, config: SelectorTrainingConfig, *, steps: int | None = None,
+                 run_settings: Mapping | None = None) -> None:
+    """Raise ``ValueError`` unless ``checkpoint_dir`` holds a checkpoint that these settings may resume.
+
+    A cheap early look (before a model loads): it compares the settings it is given, while
+    :func:`train_selector` compares them all (the method's options, the hidden size and,
+    here only if given, ``steps``).
+    """
+    config.validate()
+    own = {} if steps is None else {"steps": steps}
+    _, saved = _trainer_state(checkpoint_dir)
+    _compare_settings(checkpoint_dir, saved, _settings(config, run_settings, **own), every=False)
+
+
+def _trainer_state(directory) -> tuple[Path, dict]:
+    """The checkpoint folder in ``directory`` and its trainer state; ``ValueError`` if there is none."""
+    found = recover_checkpoint(directory)
+    if found is None:
+        raise ValueError(f"resume=True but {directory} holds no checkpoint (it is written there during a run "
+                         "given checkpoint_dir); start a fresh run with resume=False")
+    try:
+        saved = torch.load(_checkpoint_file(found), weights_only=True)
+        saved["step"], saved["steps"] = int(saved["step"]), int(saved["steps"])
     except Exception as error:
         raise ValueError(f"cannot resume from {directory}: unreadable trainer state ({error})") from None
-    if saved_steps != steps:
-        raise ValueError(f"cannot resume from {directory}: it was a run of {saved_steps} steps, this one has {steps} "
-                         "(the schedule depends on the length); start a fresh run or use the same length")
-    _, state_dict = read_selector(directory)
-    get_method(model).load_state_dict(state_dict, strict=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    return step, list(saved["history"])
+    return found, saved
+
+
+def _compare_settings(directory, saved: dict, settings: dict, every: bool = True) -> None:
+    """``ValueError`` listing the settings that differ; ``every=False`` compares only those in ``settings``."""
+    # A checkpoint written before the settings were stored can only be checked for its length.
+    stored = saved.get("settings", {"steps": saved["steps"]})
+    if not every or "settings" not in saved:
+        stored = {name: value for name, value in stored.items() if name in settings}
+        settings = {name: value for name, value in settings.items() if name in stored}
+    changed = _changed_settings(stored, settings)
+    if changed:
+        raise ValueError(f"cannot resume from {directory}: this run's settings differ from the checkpoint's:\n  "
+                         + "\n  ".join(changed) + "\nresume with the checkpoint's settings, or start a fresh run "
+                         "in another checkpoint folder (visionselector train: another --out, or --overwrite)")
+
+
+def _read_checkpoint(directory, settings: dict) -> dict:
+    """The checkpoint in ``directory`` (trainer state plus ``selector`` weights), checked against this run."""
+    found, saved = _trainer_state(directory)
+    _compare_settings(directory, saved, settings)
+    if "selector_sha256" in saved and _selector_digest(found) != saved["selector_sha256"]:
+        raise ValueError(f"cannot resume from {directory}: its selector files are not the ones its trainer state "
+                         "was saved with (they were changed after the save); start a fresh run")
+    _, saved["selector"] = read_selector(found)
+    return saved
 
 
 def _cycle(batches):
