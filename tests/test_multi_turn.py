@@ -161,3 +161,33 @@ def test_images_added_in_a_later_turn_compete_for_their_own_budget(family, metho
                             attention_mask=torch.ones(1, int(keep.sum() + keep_turn.sum()), dtype=torch.long))
         expected = model.lm_head(hidden.last_hidden_state[:, -1])
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=n) for n, f in sorted(FAMILIES.items())])
+def test_a_batch_adding_images_in_a_later_turn_equals_each_conversation_alone(family):
+    from visionselector.adapters import ADAPTERS
+    from visionselector.adapters.positions import LinearPositions
+
+    model = _model(family)
+    _attach(model, "uniform", 0.3)
+    first, later = family.batch([(1,), (1,)]), family.batch([(0,), (2,)], seed=5)
+    pixels = {k: v for k, v in later.items() if k not in ("input_ids", "attention_mask")}
+    mask = torch.cat([first["attention_mask"], later["attention_mask"]], 1)
+    with torch.no_grad():
+        prompt = model(**first, use_cache=True)
+        turn = dict(input_ids=later["input_ids"], attention_mask=mask, past_key_values=prompt.past_key_values,
+                    use_cache=True, **pixels)
+        if isinstance(ADAPTERS[family.name].positions, LinearPositions):
+            # Without position_ids a LLaVA text model counts from the cache length, padding or not.
+            turn["position_ids"] = (mask.cumsum(-1) - 1).clamp(min=0)[:, -later["input_ids"].shape[1]:]
+        if ADAPTERS[family.name].recurrent_state:
+            with pytest.raises(NotImplementedError, match="different numbers of their new visual tokens"):
+                model(**turn)
+            return
+        both = model(**turn).logits[:, -1]
+        for row in range(2):
+            alone = family.single(later, [(0,), (2,)], row)
+            own = model(**family.single(first, [(1,), (1,)], row), use_cache=True)
+            logits = model(input_ids=alone["input_ids"], past_key_values=own.past_key_values, use_cache=True,
+                           **{k: v for k, v in alone.items() if k not in ("input_ids", "attention_mask")}).logits
+            torch.testing.assert_close(logits[0, -1], both[row], atol=1e-5, rtol=1e-4)

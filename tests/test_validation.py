@@ -410,6 +410,7 @@ CLI_CASES = [
     (["convert", "{dir}", "{under_file}"], "is a file"),
     (["train", "--data", "{data}", "--threads", "0"], "threads"),
     (["train", "--data", "{data}", "--out", "{under_file}"], "is a file"),
+    (["train", "--data", "{data}", "--cache-dir", "{under_file}"], "feature cache folder"),
     (["train-reference", "--threads", "-1"], "threads"),
     (["train-reference", "--out", "{under_file}"], "is a file"),
 ]

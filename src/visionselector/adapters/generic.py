@@ -140,6 +140,9 @@ class ModelAdapter:
 
     reads_encoder_attention: ClassVar[bool] = False  # implements install_encoder_attention_probe
     images_encode_alone: ClassVar[bool] = True  # an image's features do not depend on the sample's other images
+    # Some decoder layers carry a recurrent state through every token (linear attention), so
+    # padding inside a sequence is not neutral.
+    recurrent_state: ClassVar[bool] = False
     lays_out_grids: ClassVar[bool] = False  # implements segments
 
     @classmethod
@@ -388,6 +391,11 @@ class ModelAdapter:
                 embeds, extras, chunk_valid = inputs_embeds, {}, token_valid
             else:
                 compaction = selection.compaction
+                if cls.recurrent_state and not compaction.all_valid:
+                    raise NotImplementedError(
+                        f"the samples of this batch keep different numbers of their new visual tokens, and the "
+                        f"{cls.family} language model carries a recurrent state through the padding that would "
+                        "fill the gap; continue each conversation in its own call")
                 embeds = compaction.apply(selection.embeds)
                 extras, chunk_valid = cls.compact_extras(kwargs, compaction, visual_mask), compaction.valid
             compact_mask = torch.cat([prefix, chunk_valid], dim=1)

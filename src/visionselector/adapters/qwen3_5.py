@@ -21,6 +21,7 @@ class Qwen3_5Adapter(Qwen2VLAdapter):
     family = "qwen3_5"
     module = "qwen3_5"
     class_names = ("Qwen3_5ForConditionalGeneration", "Qwen3_5Model")
+    recurrent_state = True
 
     @classmethod
     def refusal(cls, method) -> str | None:

@@ -68,6 +68,8 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
     set_threads(config.threads)
     data = check_file(config.data, "training data")
     out = check_output_folder(config.out)
+    if config.cache_dir is not None:
+        check_output_folder(config.cache_dir, "feature cache folder")
     checkpoint = out / "checkpoint"
     run_settings = _data_settings(config, data)
     _check_previous_run(out, checkpoint, config, training, run_settings)
