@@ -450,9 +450,8 @@ def install_generation_hooks(model, state: AttachedState) -> None:
                 "visual token reaches the model (scaled by the soft mask) and last_selection reports all of them; "
                 "call model.eval() for hard selection", stacklevel=2)
         output = generate(*args, **kwargs)
-        inputs = kwargs.get("input_ids", args[0] if args else None)
-        if inputs is None:
-            inputs = kwargs.get("inputs_embeds")
+        inputs = next((kwargs[name] for name in ("input_ids", "inputs", "inputs_embeds")
+                       if kwargs.get(name) is not None), args[0] if args else None)
         if inputs is not None and state.last is not None:
             state.last = state.last.per_sample(inputs.shape[0])
         return output
