@@ -41,7 +41,7 @@ def find_adapter(model) -> type[ModelAdapter]:
 
 # Families people ask for that transformers does not have yet, listed so the matrix says so.
 NOT_IN_TRANSFORMERS = {
-    "LLaVA-OneVision-1.5": "the paper's second model; its classes are not in transformers 5.23, so it cannot be "
+    "LLaVA-OneVision-1.5": "the paper's second model; its classes are not in transformers 5.24, so it cannot be "
                            "loaded through the Auto classes yet",
 }
 

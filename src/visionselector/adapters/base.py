@@ -278,6 +278,29 @@ def check_budget(method: SelectionMethod, keep: torch.Tensor, budget: torch.Tens
         raise RuntimeError(f"method {method.name!r} kept {kept.tolist()} visual tokens for budgets {budget.tolist()}")
 
 
+# transformers 5.24 renamed the cache argument and output from ``past_key_values`` to ``cache``
+# (the old name is deprecated until 5.40); calls inside transformers use the new one.
+CACHE_NAMES = ("cache", "past_key_values")
+
+
+def cache_keyword(function) -> str:
+    """The name under which ``function`` takes the cache in the installed ``transformers``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
+
+
+def given_cache(kwargs: dict):
+    """The cache a call was given, under either name; ``None`` if none."""
+    return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
+
+
+def output_cache(outputs):
+    """The cache a model output returned, under either name; ``None`` if none."""
+    return next((value for value in (getattr(outputs, "cache", None), getattr(outputs, "past_key_values", None))
+                 if value is not None and not callable(value)), None)
+
+
 # The attribute of a cache object that holds its PrefillMemory.
 CACHE_ATTRIBUTE = "visionselector_pruned_prompt"
 

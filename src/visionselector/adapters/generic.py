@@ -35,8 +35,12 @@ from .base import (
     HardSelection,
     SelectionRecord,
     SoftSelection,
+    CACHE_NAMES,
+    cache_keyword,
     decode_attention_mask,
     forget_prefill,
+    given_cache,
+    output_cache,
     pruned_prompt,
     remember_prefill,
     replace_forward,
@@ -215,7 +219,7 @@ class ModelAdapter:
                                  "tokens; pass input_ids rather than inputs_embeds")
             if input_ids is not None:
                 cls.check_inputs(model, input_ids, kwargs)
-            cache = kwargs.get("past_key_values")
+            cache = given_cache(kwargs)
             if cache is None or cache.get_seq_length() == 0:
                 state.last = None  # a new sequence: no earlier call's record may describe it
             memory = pruned_prompt(cache)
@@ -247,16 +251,19 @@ class ModelAdapter:
                     if kind not in builders:
                         raise ValueError(f"pruning inside the language model does not support {kind!r} layers")
                     masks[kind] = builders[kind](config=text_model.config, inputs_embeds=embeds,
-                                                 attention_mask=mask_2d, past_key_values=cache, layer_idx=index)
+                                                 attention_mask=mask_2d, layer_idx=index, **{mask_cache: cache})
             return masks
 
         @functools.wraps(text_forward)
-        def text_model_forward(input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
-                               inputs_embeds=None, use_cache=None, **kwargs):
+        def text_model_forward(input_ids=None, attention_mask=None, position_ids=None, inputs_embeds=None,
+                               use_cache=None, **kwargs):
+            past_key_values = given_cache(kwargs)
+            kwargs = {name: value for name, value in kwargs.items() if name not in CACHE_NAMES}
+
             def call(mask, positions, embeds, **extra):
                 return text_forward(input_ids=input_ids, attention_mask=mask, position_ids=positions,
-                                    past_key_values=past_key_values, inputs_embeds=embeds, use_cache=use_cache,
-                                    **{**kwargs, **extra})
+                                    inputs_embeds=embeds, use_cache=use_cache,
+                                    **{text_cache: past_key_values, **kwargs, **extra})
 
             token_ids = state.current_input_ids
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -339,7 +346,7 @@ class ModelAdapter:
                 compact_mask = compaction.mask(attention_mask.dtype if attention_mask is not None else torch.long)
             outputs = call(compact_mask, strategy.compact(positions, compaction), compaction.apply(selection.embeds),
                            **extras)
-            remember_prefill(getattr(outputs, "past_key_values", None), length, compaction.valid)
+            remember_prefill(output_cache(outputs), length, compaction.valid)
             return outputs
 
         def continue_with_images(call, token_ids, visual_mask, attention_mask, position_ids, cache, inputs_embeds,
@@ -403,6 +410,9 @@ class ModelAdapter:
             remember_prefill(cache, uncompressed + length, compact_mask)
             return outputs
 
+        from transformers.masking_utils import create_causal_mask
+
+        text_cache, mask_cache = cache_keyword(text_forward), cache_keyword(create_causal_mask)
         replace_forward(core, model_forward, state)
         replace_forward(text_model, text_model_forward, state)
         generation_class = cls.classes()[0]
@@ -428,11 +438,12 @@ def install_generation_hooks(model, state: AttachedState) -> None:
     @functools.wraps(prepare)
     def prepare_inputs_for_generation(input_ids, *args, next_sequence_length=None, is_first_iteration=False,
                                       **kwargs):
-        memory = pruned_prompt(kwargs.get("past_key_values"))
+        cache = given_cache(kwargs)
+        memory = pruned_prompt(cache)
         if memory is not None and is_first_iteration and next_sequence_length is not None:
             embeds = kwargs.get("inputs_embeds")
             total = (embeds if embeds is not None else input_ids).shape[1]
-            stored = kwargs["past_key_values"].get_seq_length()
+            stored = cache.get_seq_length()
             if next_sequence_length == total - stored:
                 next_sequence_length = total - memory.uncompressed(stored)
         return prepare(input_ids, *args, next_sequence_length=next_sequence_length,
@@ -463,11 +474,11 @@ def install_generation_hooks(model, state: AttachedState) -> None:
 
     @functools.wraps(positions)
     def prepare_position_ids_for_generation(inputs_tensor, model_kwargs):
-        cache = model_kwargs.get("past_key_values")
+        cache = given_cache(model_kwargs)
         memory = pruned_prompt(cache)
         if memory is not None:
-            model_kwargs = {**model_kwargs,
-                            "past_key_values": UncompressedLength(memory.uncompressed(cache.get_seq_length()))}
+            stand_in = UncompressedLength(memory.uncompressed(cache.get_seq_length()))
+            model_kwargs = {**model_kwargs, **{name: stand_in for name in CACHE_NAMES if name in model_kwargs}}
         return positions(inputs_tensor, model_kwargs)
 
     replace_method(model, "_prepare_position_ids_for_generation", prepare_position_ids_for_generation, state)
@@ -481,7 +492,7 @@ def check_generation_options(model, state: AttachedState, kwargs: dict) -> None:
     """Refuse, by name, the ``generate`` options that cannot run on a pruned prompt."""
     config = copy.deepcopy(kwargs.get("generation_config") or model.generation_config)
     config.update(**{name: value for name, value in kwargs.items() if hasattr(config, name)})
-    cache = kwargs.get("past_key_values")
+    cache = given_cache(kwargs)
     if kwargs.get("assistant_model") is not None or getattr(config, "prompt_lookup_num_tokens", None):
         raise ValueError("assisted decoding (assistant_model, prompt_lookup_num_tokens) is not supported with visual "
                          "token selection: it crops the cache by uncompressed lengths, and a pruned cache is shorter. "

@@ -24,7 +24,7 @@ import torch
 from ..methods.base import VisualTokens
 from ..ops.sequence import gather_sequence
 from ..ops.topk import token_budget
-from .base import AttachedState, choose, gather_visual, replace_forward
+from .base import AttachedState, choose, gather_visual, given_cache, replace_forward
 from .compaction import Compaction
 
 __all__ = ["LayerPruning", "install_layer_pruning", "decoder_signals", "standard_query_key"]
@@ -140,8 +140,8 @@ def install_layer_pruning(text_model, state: AttachedState, create_masks: Callab
         context.position_embeddings = tuple(compaction.apply(table) for table in tables)
         context.compaction = compaction
         compact_mask = None if compaction.all_valid else compaction.mask()
-        context.masks = create_masks(pruned, compact_mask, kwargs.get("past_key_values"), layer_index + 1)
-        context.cache = kwargs.get("past_key_values")
+        context.masks = create_masks(pruned, compact_mask, given_cache(kwargs), layer_index + 1)
+        context.cache = given_cache(kwargs)
         context.active = True
         return (pruned,) + tuple(output[1:]) if isinstance(output, tuple) else pruned
 

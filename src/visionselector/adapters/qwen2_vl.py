@@ -13,7 +13,7 @@ import sys
 import torch
 
 from ..ops.attention import attention_received
-from .base import AttachedState, replace_method
+from .base import AttachedState, cache_keyword, replace_method
 from .generic import ModelAdapter, UncompressedLength, record_encoder_attention
 
 __all__ = ["Qwen2VLAdapter"]
@@ -77,9 +77,10 @@ class Qwen2VLAdapter(ModelAdapter):
 
     @classmethod
     def decoding_positions(cls, core, input_ids, inputs_embeds, kwargs, uncompressed_past):
+        stand_in = {cache_keyword(core.compute_3d_position_ids): UncompressedLength(uncompressed_past)}
         return core.compute_3d_position_ids(
             input_ids=input_ids, image_grid_thw=None, video_grid_thw=None, inputs_embeds=inputs_embeds,
-            attention_mask=kwargs.get("attention_mask"), past_key_values=UncompressedLength(uncompressed_past))
+            attention_mask=kwargs.get("attention_mask"), **stand_in)
 
     # VisionZip: the attention each patch receives in one encoder block, averaged over its merge group.
 

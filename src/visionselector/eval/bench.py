@@ -25,6 +25,8 @@ from pathlib import Path
 
 import torch
 
+from ..adapters.base import output_cache
+
 __all__ = ["BenchConfig", "run_bench", "format_table"]
 
 BASELINE = "none"
@@ -215,6 +217,7 @@ class _Timer:
 
 
 def _cache_mib(cache) -> float | None:
+    """Memory of a cache's tensors, in MiB."""
     layers = getattr(cache, "layers", None)
     if layers is None:
         return None
@@ -368,7 +371,7 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
         # One more prefill per variant, outside the timed rounds, for FLOPs, tokens and cache size.
         step("FLOPs", BASELINE)
         baseline.flops = _flops_by_part(model, prefill)
-        baseline.kv_cache_mib = _cache_mib(prefill().past_key_values)
+        baseline.kv_cache_mib = _cache_mib(output_cache(prefill()))
         progress.update(1)
         for kept, variant in limits.items():
             step("FLOPs", f"limit {kept} tokens")
@@ -381,7 +384,7 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
                     vs.set_retention(model, r)
                     variant = variants[(method, r)]
                     variant.flops = _flops_by_part(model, prefill)
-                    variant.kv_cache_mib = _cache_mib(prefill().past_key_values)
+                    variant.kv_cache_mib = _cache_mib(output_cache(prefill()))
                     variant.tokens_kept = statistics.mean(len(s) for s in vs.last_selection(model))
                     variant.attn_while_attached = model.config.text_config._attn_implementation
                     progress.update(1)
