@@ -142,8 +142,13 @@ def test_visionzip_never_reads_attention_recorded_for_other_pixels(family):
         again = model(**rest, mm_encoder_outputs={"image": features}).logits
         assert torch.equal(vs.last_selection(model)[0], kept)
         torch.testing.assert_close(again, outputs)
+        # Outputs whose encoding left no record (computed before attach, or loaded) are refused.
         get_state(model).encoder_attention.clear()
-        unseen = core.get_image_features  # encodings made before attach leave no record
-        with pytest.raises(RuntimeError, match="recorded"):
+        with pytest.raises(RuntimeError, match="no encoder attention was recorded"):
             model(**rest, mm_encoder_outputs={"image": features})
-    assert unseen is not None
+        # Attention recorded for other pixels is never read for these.
+        core.get_image_features(**{k: other[k] for k in other if k not in ("input_ids", "attention_mask",
+                                                                           "mm_token_type_ids")},
+                                return_dict=True)
+        with pytest.raises(RuntimeError, match="recorded for other images"):
+            model(**rest, mm_encoder_outputs={"image": features})

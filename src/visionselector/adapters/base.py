@@ -8,6 +8,7 @@ the visual tokens by the differentiable mask. It never knows which method chose.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -285,8 +286,6 @@ CACHE_NAMES = ("cache", "past_key_values")
 
 def cache_keyword(function) -> str:
     """The name under which ``function`` takes the cache in the installed ``transformers``."""
-    import inspect
-
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
@@ -298,7 +297,7 @@ def given_cache(kwargs: dict):
 def output_cache(outputs):
     """The cache a model output returned, under either name; ``None`` if none."""
     return next((value for value in (getattr(outputs, "cache", None), getattr(outputs, "past_key_values", None))
-                 if value is not None and not callable(value)), None)
+                 if value is not None), None)
 
 
 # The attribute of a cache object that holds its PrefillMemory.

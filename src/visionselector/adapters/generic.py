@@ -208,7 +208,6 @@ class ModelAdapter:
         strategy = cls.positions
         core_forward, text_forward = core.forward, text_model.forward
 
-
         @functools.wraps(core_forward)
         def model_forward(input_ids=None, *args, **kwargs):
             inputs = {name: kwargs[name] for name in kwargs if kwargs[name] is not None and any(
@@ -275,12 +274,10 @@ class ModelAdapter:
                                                 past_key_values, inputs_embeds, kwargs)
             memory = pruned_prompt(past_key_values)
             if memory is not None:
-                past_length = past_key_values.get_seq_length()
-                query_length = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
-                batch = (inputs_embeds if inputs_embeds is not None else input_ids).shape[0]
-                device = (inputs_embeds if inputs_embeds is not None else input_ids).device
-                positions = strategy.continuing(position_ids, memory.full_length + memory.appended(past_length),
-                                                query_length, batch, device)
+                tokens = inputs_embeds if inputs_embeds is not None else input_ids
+                batch, query_length = tokens.shape[:2]
+                positions = strategy.continuing(position_ids, memory.uncompressed(past_length), query_length, batch,
+                                                tokens.device)
                 mask = decode_attention_mask(memory, attention_mask, past_length, query_length)
                 if memory.first_pruned_layer == 0:
                     return call(mask, positions, inputs_embeds)
@@ -366,15 +363,12 @@ class ModelAdapter:
             memory = pruned_prompt(cache)
             batch, length = token_ids.shape
             device = inputs_embeds.device
+            mask = attention_mask
             if memory is not None:
                 mask = decode_attention_mask(memory, attention_mask, past_length, length)
-            elif attention_mask is not None:
-                if attention_mask.shape[1] != past_length + length:
-                    raise ValueError(f"attention_mask has length {attention_mask.shape[1]}; with {past_length} "
-                                     f"cached tokens and {length} new ones it should have {past_length + length}")
-                mask = attention_mask
-            else:
-                mask = None
+            elif mask is not None and mask.shape[1] != past_length + length:
+                raise ValueError(f"attention_mask has length {mask.shape[1]}; with {past_length} cached tokens and "
+                                 f"{length} new ones it should have {past_length + length}")
             if mask is None:
                 mask = torch.ones(batch, past_length + length, dtype=torch.long, device=device)
             mask = mask.to(device=device, dtype=torch.bool)
@@ -574,13 +568,12 @@ def _attention_of(wanted: torch.Tensor, entries: list, modality: str) -> torch.T
             "pixel_values_videos (not precomputed mm_encoder_outputs)")
     if not entries:
         raise RuntimeError(f"no encoder attention was recorded for the {modality} tokens of this batch; {hint}")
-    features = torch.cat([f.to(device=wanted.device, dtype=wanted.dtype) for f, _ in entries])
-    attention = torch.cat([a.to(wanted.device) for _, a in entries]).float()
     last_features, last_attention = entries[-1]
     if last_features.shape == wanted.shape and torch.equal(last_features.to(wanted.device, wanted.dtype), wanted):
-        return last_attention.to(wanted.device).float()
-    rows = _row_keys(features)
-    lookup = {key: index for index, key in enumerate(rows)}
+        return last_attention.to(wanted.device).float()  # the usual case: the batch's own encoding, as encoded
+    features = torch.cat([f.to(device=wanted.device, dtype=wanted.dtype) for f, _ in entries])
+    attention = torch.cat([a.to(wanted.device) for _, a in entries]).float()
+    lookup = {key: index for index, key in enumerate(_row_keys(features))}
     found = [lookup.get(key) for key in _row_keys(wanted)]
     missing = sum(index is None for index in found)
     if missing:
