@@ -111,6 +111,7 @@ class AttachedState:
     layer_pruning: Any = None  # the per-call context of pruning inside the language model
     current_input_ids: torch.Tensor | None = None
     current_inputs: dict = field(default_factory=dict)  # the visual keyword arguments of the running call
+    current_labels: torch.Tensor | None = None  # the running call's labels: the answer a prompt must not show
 
     def patched_modules(self, model) -> list:
         """The model and every module whose methods were replaced on the instance."""
@@ -155,6 +156,15 @@ def scatter_to_sequence(values: torch.Tensor, visual: VisualBatch, length: int, 
     return out[:, :length]
 
 
+def gather_prompt(inputs_embeds: torch.Tensor, prompt_mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's prompt tokens (``prompt_mask`` ``[B, L]``) left-aligned: ``(embeddings [B, T_max, D],
+    valid [B, T_max])``, with at least one (invalid) slot so that every row has a shape."""
+    positions, valid = compact_index(prompt_mask, pad_left=False)
+    if positions.shape[1] == 0:
+        positions, valid = positions.new_zeros(prompt_mask.shape[0], 1), valid.new_zeros(prompt_mask.shape[0], 1)
+    return gather_sequence(inputs_embeds, positions), valid
+
+
 def kept_indices(keep_visual: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
     """Per-sample sorted indices of the kept visual tokens."""
     return [torch.nonzero(row & ok, as_tuple=False).flatten() for row, ok in zip(keep_visual, valid)]
@@ -191,8 +201,9 @@ def select_tokens(
         pad_left: side of the padding of the compacted batch.
         extras: what the family can provide on request, each a function called only for
             methods that need it: ``"segments"`` (each sample's visual blocks as
-            ``(frames, height, width)`` grids) and ``"encoder_attention"`` (``[B, L]``
-            attention each token received in the vision encoder).
+            ``(frames, height, width)`` grids), ``"encoder_attention"`` (``[B, L]``
+            attention each token received in the vision encoder) and ``"prompt"`` (the
+            prompt's embeddings and mask, :func:`gather_prompt`).
 
     Returns:
         ``None`` when nothing changes (retention 1 in hard mode); otherwise a soft
@@ -207,8 +218,21 @@ def select_tokens(
     visual = gather_visual(inputs_embeds, visual_mask)
     counts = visual.counts
     budget = token_budget(state.retention, counts)
+    method = state.method
+    provided = {}
+    for need in sorted(method.needs):
+        if extras is None or need not in extras:
+            raise ValueError(f"method {state.method_name!r} needs {need.replace('_', ' ')}, which this model "
+                             f"family does not provide")
+        provided[need] = extras[need]()
+    attention = provided.get("encoder_attention")
+    if attention is not None:
+        attention = gather_sequence(attention.unsqueeze(-1), visual.positions).squeeze(-1)
+    prompt, prompt_valid = provided.get("prompt", (None, None))
+    tokens = VisualTokens(visual.features, visual.valid, provided.get("segments"), attention,
+                          prompt=prompt, prompt_valid=prompt_valid)
     if mode == "soft":
-        scores = state.method.scores(visual.features, visual.valid)
+        scores = method.token_scores(tokens)
         soft = soft_topk(scores, budget, mask=visual.valid)
         hard = hard_topk(scores.detach(), budget, mask=visual.valid)
         if bool(visual.valid.any()):
@@ -223,17 +247,6 @@ def select_tokens(
                                  selection_loss=selection_loss)
         state.last = record
         return SoftSelection(scale, record)
-    method = state.method
-    provided = {}
-    for need in sorted(method.needs):
-        if extras is None or need not in extras:
-            raise ValueError(f"method {state.method_name!r} needs {need.replace('_', ' ')}, which this model "
-                             f"family does not provide")
-        provided[need] = extras[need]()
-    attention = provided.get("encoder_attention")
-    if attention is not None:
-        attention = gather_sequence(attention.unsqueeze(-1), visual.positions).squeeze(-1)
-    tokens = VisualTokens(visual.features, visual.valid, provided.get("segments"), attention)
     chosen, keep_visual, compaction, record = choose(state, tokens, visual, budget, visual_mask, token_valid,
                                                      pad_left=pad_left, mode=mode)
     embeds = inputs_embeds

@@ -39,6 +39,7 @@ from .base import (
     cache_keyword,
     decode_attention_mask,
     forget_prefill,
+    gather_prompt,
     given_cache,
     output_cache,
     pruned_prompt,
@@ -156,6 +157,8 @@ class ModelAdapter:
             return "it reads the vision encoder's attention, which this family's adapter does not record"
         if "segments" in method.needs and not cls.lays_out_grids:
             return "it needs the visual tokens laid out in grids, which this family's adapter cannot say"
+        if "prompt" in method.needs and method.prune_layer is not None:
+            return "it prunes inside the language model, where the prompt's hidden states, not its embeddings, are read"
         return None
 
     @classmethod
@@ -325,6 +328,7 @@ class ModelAdapter:
                     "segments": lambda: cls.segments(state, token_ids, visual_mask,
                                                      None if position_ids is None else positions, inputs),
                     "encoder_attention": lambda: take_encoder_attention(cls, model, state, token_ids, inputs_embeds),
+                    "prompt": lambda: prompt_of(state, inputs_embeds, token_valid & ~visual_mask),
                 },
             )
             state.call_record = state.last
@@ -382,6 +386,7 @@ class ModelAdapter:
                     "segments": lambda: cls.segments(state, token_ids, visual_mask, positions, state.current_inputs),
                     "encoder_attention": lambda: take_encoder_attention(cls, model, state, token_ids,
                                                                        inputs_embeds),
+                    "prompt": lambda: prompt_of(state, inputs_embeds, token_valid & ~visual_mask),
                 },
             )
             state.call_record = state.last
@@ -587,6 +592,25 @@ def _row_keys(rows: torch.Tensor) -> list[bytes]:
     return [row.tobytes() for row in raw]
 
 
+def prompt_of(state: AttachedState, inputs_embeds: torch.Tensor, text_mask: torch.Tensor):
+    """The prompt a question-aware method reads: the embeddings of the text tokens ``text_mask``
+    ``[B, L]`` less the answer (tokens the running call's labels supervise). In soft mode
+    (training) the labels are required, since the answer is then part of the input."""
+    labels = state.current_labels
+    if labels is None:
+        if state.resolved_mode() == "soft":
+            raise ValueError(f"method {state.method_name!r} reads the prompt; in soft mode (training) pass labels "
+                             "to the forward (-100 except on the answer) so that the answer tokens in the input are "
+                             "left out of what it reads")
+    elif labels.shape != text_mask.shape:
+        # The text model sees only the new tokens of a continued sequence; labels cover the whole call's input.
+        raise ValueError(f"labels have shape {tuple(labels.shape)} but the sequence the method reads has shape "
+                         f"{tuple(text_mask.shape)}; give one label per input token")
+    else:
+        text_mask = text_mask & (labels.to(text_mask.device) == -100)
+    return gather_prompt(inputs_embeds, text_mask)
+
+
 def labelled_forward(model, state: AttachedState):
     """Outer forward: loss on the labels of the kept tokens, plus the selection loss."""
     original = model.forward
@@ -596,11 +620,13 @@ def labelled_forward(model, state: AttachedState):
         if len(args) > 5:
             raise TypeError("pass labels and later arguments by keyword to a model with a visual token selector")
         state.call_record = None
+        state.current_labels = labels if torch.is_tensor(labels) else None
         try:
             outputs = original(*args, return_dict=True, **kwargs)
             record = state.call_record
         finally:
             state.call_record = None
+            state.current_labels = None
         if labels is not None:
             if record is not None and record.compaction is not None:
                 labels = record.compaction.apply_labels(labels.to(record.compaction.index.device))

@@ -37,7 +37,11 @@ class VisualTokens:
 
     Optional signals, present when a method asks for them in ``needs``:
     ``encoder_attention`` ``[B, N]``, the attention each token receives in the vision
-    encoder; for methods that prune inside the language model (``prune_layer`` set),
+    encoder; ``prompt`` ``[B, T, D]`` with ``prompt_valid`` ``[B, T]``, the input
+    embeddings (the language model's embedding table) of each sample's text tokens, in
+    order and left-aligned: every valid token that is not visual, less the answer tokens
+    when the forward is given ``labels`` (those with a label other than -100), so that a
+    question-aware method never reads the answer it is trained on; for methods that prune inside the language model (``prune_layer`` set),
     ``features`` are the hidden states after that layer, ``query_attention`` ``[B, N]``
     the attention the last token pays each visual token there (mean over heads) and
     ``key_norms`` ``[B, N]`` the norms of their keys.
@@ -49,6 +53,8 @@ class VisualTokens:
     encoder_attention: torch.Tensor | None = None
     query_attention: torch.Tensor | None = None
     key_norms: torch.Tensor | None = None
+    prompt: torch.Tensor | None = None
+    prompt_valid: torch.Tensor | None = None
 
 
 @dataclass
@@ -234,9 +240,10 @@ class SelectionMethod(nn.Module):
 
     A method sees only :class:`VisualTokens` and the per-sample budget
     ``LongTensor[B]``; it never knows which model it runs in. Simple methods implement
-    :meth:`scores` (higher is kept); others override :meth:`select`. ``needs`` names the
-    optional inputs a method requires (``"segments"``, ``"encoder_attention"``) so that
-    adapters compute them only when asked. A method whose token count follows its own
+    :meth:`scores` (higher is kept), or :meth:`token_scores` when they read more than the
+    visual tokens; others override :meth:`select`. ``needs`` names the optional inputs a
+    method requires (``"segments"``, ``"encoder_attention"``, ``"prompt"``) so that
+    adapters compute them only when asked and the other methods pay nothing. A method whose token count follows its own
     structure (pooling grids) sets ``exact_budget = False`` and documents its rule.
     A method with options declares them in ``options_class`` (a dataclass; see
     :func:`check_options`) and takes the same keyword arguments in its constructor.
@@ -262,9 +269,15 @@ class SelectionMethod(nn.Module):
         """Importance of each visual token, ``[B, N]``; higher is kept."""
         raise NotImplementedError(f"method {self.name!r} does not define scores()")
 
+    def token_scores(self, tokens: VisualTokens) -> torch.Tensor:
+        """Importance of each visual token, ``[B, N]``, from everything the method asked for;
+        the scores that soft selection (training) makes differentiable. By default :meth:`scores`
+        of the features."""
+        return self.scores(tokens.features, tokens.valid)
+
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         """Keep exactly ``budget[b]`` valid tokens of each row ``b``."""
-        return Selection(hard_topk(self.scores(tokens.features, tokens.valid), budget, mask=tokens.valid))
+        return Selection(hard_topk(self.token_scores(tokens), budget, mask=tokens.valid))
 
     def config_dict(self) -> dict:
         """Constructor options (besides the hidden size) that rebuild this method with its weights."""
