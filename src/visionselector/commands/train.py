@@ -1,4 +1,4 @@
-"""``visionselector train``: train a VisionSelector scorer on a frozen model from conversation JSONL."""
+"""``visionselector train``: train a selector's scorer on a frozen model from conversation JSONL."""
 
 from __future__ import annotations
 
@@ -21,6 +21,9 @@ __all__ = ["TrainConfig", "run_train"]
 class TrainConfig(SelectorTrainingConfig):
     """Settings of ``visionselector train``: the training run's (inherited) and the data's."""
 
+    method_options: tuple[str, ...] = field(default=(), metadata={
+        "help": "options of the trained method as OPTION=VALUE, e.g. image_score=false for visionselector_q "
+                "('visionselector methods' lists them)"})
     data: str = field(default="", metadata={"help": "training conversations (LLaVA / Cambrian JSONL)"})
     image_folder: str | None = field(default=None, metadata={
         "help": "folder that relative image and video paths start from (default: the JSONL file's folder)"})
@@ -55,6 +58,7 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
 
     training = SelectorTrainingConfig(**{f.name: getattr(config, f.name) for f in fields(SelectorTrainingConfig)})
     training.validate()
+    method_options = _method_options(config)
     for name, least in (("batch_size", 1), ("save_every", 0)):
         if getattr(config, name) < least:
             raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
@@ -83,13 +87,13 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
     batches = ExampleBatches(examples, processor, batch_size=config.batch_size, cache=cache, with_answers=True,
                              shuffle_seed=config.seed)
     steps = config.steps or max(1, round(config.epochs * batches.batches_per_epoch()))
-    options = {} if config.hidden_dim is None else {"hidden_dim": config.hidden_dim}
+    options = {**({} if config.hidden_dim is None else {"hidden_dim": config.hidden_dim}), **method_options}
     if config.overwrite:
         _remove_previous_run(out, checkpoint)
     torch.manual_seed(config.seed)
     print_fn(f"training a selector at retention {config.retention:g} on {len(examples)} examples of {data}: "
              f"{steps} steps of {config.batch_size}" + (" (cached visual features)" if cache else ""))
-    with vs.attached(model, method="visionselector", retention=config.retention, **options):
+    with vs.attached(model, method=config.method, retention=config.retention, **options):
         history = train_selector(model, batches, steps=steps, config=training, output_dir=str(out),
                                  checkpoint_dir=str(checkpoint), save_every=config.save_every,
                                  resume=config.resume, run_settings=run_settings)
@@ -104,6 +108,17 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
 
 # What OUT holds after a run, besides the checkpoint: --overwrite deletes these (never the feature cache).
 _RUN_FILES = (CONFIG_NAME, WEIGHTS_NAME, "training_log.json")
+
+
+def _method_options(config: TrainConfig) -> dict:
+    """``--method-options`` as checked values; ``hidden_dim`` has its own flag."""
+    from ..eval.quality import parse_method_options
+
+    items = [f"{config.method}.{item}" for item in config.method_options]
+    options = parse_method_options(items, [config.method]).get(config.method, {})
+    if "hidden_dim" in options:
+        raise ValueError("give the scorer's width with --hidden-dim, not --method-options hidden_dim=...")
+    return options
 
 
 def _check_previous_run(out: Path, checkpoint: Path, config: TrainConfig, training: SelectorTrainingConfig,

@@ -6,6 +6,12 @@ key, ``s_i = mean_j <q_i, k_j> / sqrt(h)``. Because the mean is linear, this equ
 ``<q_i, mean_j k_j> / sqrt(h)`` and further ``x_i . (Wq^T kbar) + bq . kbar`` over
 ``sqrt(h)``: the same numbers in ``O(N * D + D * h)`` instead of the
 ``O(N^2 * h)`` of a materialised attention matrix.
+
+Option ``diversity`` (0 by default: the paper's method, exactly) keeps tokens by maximal
+marginal relevance over the trained scores instead of plain top-k, the selection of
+IDPruner (Tencent AngelSlim): each step trades a token's normalised score against its
+cosine similarity to the tokens already kept (:func:`~visionselector.ops.diversity.mmr_keep`).
+It changes hard selection only; training (soft selection) is the same either way.
 """
 
 from __future__ import annotations
@@ -16,7 +22,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .base import SelectionMethod, check_options, check_value, register_method
+from ..ops.diversity import mmr_keep
+from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
 
 __all__ = ["ImportanceScorer", "VisionSelectorMethod", "VisionSelectorOptions"]
 
@@ -89,6 +96,10 @@ class VisionSelectorOptions:
     # A zero std would start every weight at 0, where the scorer's gradients vanish too.
     init_std: float = field(default=1e-4, metadata={"help": "standard deviation of the scorer's initial weights",
                                                     "above": 0.0})
+    diversity: float = field(default=0.0, metadata={
+        "help": "weight of redundancy against score when keeping tokens (maximal marginal relevance on cosine "
+                "similarity, as IDPruner); 0 keeps the top-scored tokens, as the paper does",
+        "at_least": 0.0, "at_most": 1.0})
 
 
 @register_method
@@ -100,13 +111,21 @@ class VisionSelectorMethod(SelectionMethod):
     trainable = True
     options_class = VisionSelectorOptions
 
-    def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4) -> None:
+    def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4,
+                 diversity: float = 0.0) -> None:
         super().__init__(hidden_size)
-        options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std})
+        options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std, "diversity": diversity})
         self.scorer = ImportanceScorer(hidden_size, options["hidden_dim"], init_std=options["init_std"])
+        self.diversity = options["diversity"]
 
     def scores(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.scorer(features, mask)
 
+    def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
+        return Selection(mmr_keep(self.token_scores(tokens), tokens.features, budget, tokens.valid, self.diversity))
+
     def config_dict(self) -> dict:
-        return {"hidden_dim": self.scorer.hidden_dim}
+        config = {"hidden_dim": self.scorer.hidden_dim}
+        if self.diversity:  # a selector saved without diversity stays readable by earlier versions
+            config["diversity"] = self.diversity
+        return config

@@ -67,6 +67,8 @@ class CurriculumSchedule:
 class SelectorTrainingConfig:
     """Settings of :func:`train_selector`; the defaults are the paper's."""
 
+    method: str = field(default="visionselector", metadata={
+        "help": "trainable method to train (visionselector, or the question-aware visionselector_q)"})
     retention: float = field(default=0.2, metadata={"help": "retention the scorer trains at"})
     learning_rate: float = field(default=5e-5, metadata={"help": "peak learning rate of AdamW"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -83,6 +85,11 @@ class SelectorTrainingConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first setting out of its range (and the range)."""
+        from ..methods import get_method_class, list_methods
+
+        trainable = [name for name in list_methods() if get_method_class(name).trainable]
+        if not isinstance(self.method, str) or self.method not in trainable:
+            raise ValueError(f"method must be a trainable method ({', '.join(trainable)}), got {self.method!r}")
         validate_retention(self.retention)
         for name, least, strict in (("learning_rate", 0.0, True), ("weight_decay", 0.0, False),
                                     ("lambda_start", 0.0, False), ("lambda_end", 0.0, False),
@@ -136,11 +143,12 @@ def cosine_with_warmup(optimizer, warmup_steps: int, total_steps: int):
 def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, steps: int,
                    config: SelectorTrainingConfig | None = None, output_dir: str | None = None,
                    log_every: int = 0, checkpoint_dir: str | None = None, save_every: int = 0,
-                   resume: bool = False, run_settings: Mapping | None = None) -> list[dict]:
-    """Train a VisionSelector scorer on ``model`` (frozen) for ``steps`` optimizer steps.
+                   resume: bool = False, run_settings: Mapping | None = None,
+                   method_options: Mapping | None = None) -> list[dict]:
+    """Train a selector's scorer on ``model`` (frozen) for ``steps`` optimizer steps.
 
     Args:
-        model: a supported MLLM; a fresh ``visionselector`` method is attached unless one is.
+        model: a supported MLLM; a fresh method ``config.method`` is attached unless one is.
         batches: an iterable of model inputs with ``labels`` (cycled if shorter than ``steps``).
         steps: number of optimizer steps.
         config: learning rate, curriculum ends and the rest (:class:`SelectorTrainingConfig`).
@@ -160,6 +168,8 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
             ``run_settings``) must be the checkpoint's; an error lists those that differ.
         run_settings: more settings of the run that a resumed run must share (the data,
             the batch size, a seed, ...); JSON values.
+        method_options: options of the method this function attaches (beyond
+            ``config.hidden_dim``), e.g. ``{"image_score": False}`` for ``visionselector_q``.
 
     The model is left as it was found: every parameter's ``requires_grad``, every module's
     train/eval mode and, if a method was attached, its retention, training retention and
@@ -179,11 +189,14 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
         _check_checkpoint_folder(checkpoint_dir)
     if is_attached(model):
         _check_attached_method(model, config)
+        if method_options:
+            raise ValueError("method_options are for the method train_selector attaches; this model already has "
+                             f"{get_state(model).method_name!r} attached with its own options")
     restore = _remember_user_state(model)
     attached_here = not is_attached(model)
     if attached_here:
-        options = {} if config.hidden_dim is None else {"hidden_dim": config.hidden_dim}
-        attach(model, method="visionselector", retention=config.retention, **options)
+        options = {**({} if config.hidden_dim is None else {"hidden_dim": config.hidden_dim}), **(method_options or {})}
+        attach(model, method=config.method, retention=config.retention, **options)
     started = False
     try:
         state = get_state(model)
@@ -215,7 +228,11 @@ def _check_run_arguments(steps, log_every, save_every, checkpoint_dir, resume) -
 def _check_attached_method(model, config: SelectorTrainingConfig) -> None:
     state = get_state(model)
     if not state.method.trainable:
-        raise ValueError(f"method {state.method_name!r} is training-free; attach 'visionselector' to train")
+        raise ValueError(f"method {state.method_name!r} is training-free; attach a trainable method "
+                         f"({config.method!r}, say) to train")
+    if state.method_name != config.method:
+        raise ValueError(f"the attached method is {state.method_name!r} but config.method is {config.method!r}; "
+                         "set config.method to the attached method, or detach it")
     width = state.method.config_dict().get("hidden_dim")
     if config.hidden_dim is not None and width != config.hidden_dim:
         raise ValueError(f"config.hidden_dim is {config.hidden_dim}, but the attached scorer has hidden_dim {width}; "
