@@ -15,7 +15,7 @@ import torch
 
 from visionselector.reference.model import load_reference_model
 from visionselector.eval.coverage import kept_object_coverage
-from visionselector.eval.quality import parse_method_options
+from visionselector.eval.quality import parse_method_spec
 
 
 def main() -> None:
@@ -31,10 +31,9 @@ def main() -> None:
     model, processor = load_reference_model()
     types = None
     for spec in args.methods:
-        method, _, settings = spec.partition("@")
-        options = parse_method_options([f"{method}.{s}" for s in settings.split(",") if s], [method]).get(method, {})
-        result = kept_object_coverage(model, processor, method=method, retention=args.retention,
-                                      samples=args.samples, selector=args.selector, options=options)
+        row = parse_method_spec(spec)
+        result = kept_object_coverage(model, processor, method=row.method, retention=args.retention,
+                                      samples=args.samples, selector=args.selector, options=row.options)
         if types is None:
             types = list(result.by_type)
             print(f"retention {args.retention:g}, {args.samples} test samples; per type: asked tokens kept / "

@@ -18,7 +18,7 @@ from families import FAMILIES
 METHODS = sorted(vs.list_methods())
 # Methods that keep a subset of the visual tokens unchanged, before the language model: their
 # pruned runs can be checked against a reference written from the definition.
-SUBSET_METHODS = ["divprune", "random", "uniform", "visionselector"]
+SUBSET_METHODS = ["cdpruner", "divprune", "random", "uniform", "visionselector"]
 SAMPLES = [(1,), (0, 2), (), (2,)]  # indices into the family's image sizes; () is text only
 
 

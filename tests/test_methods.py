@@ -227,7 +227,7 @@ def test_encoder_attention_probe_matches_full_attention_matrices():
     assert recorded.shape == (16 + 8,)
 
 
-ALL_TRAINING_FREE = ["random", "uniform", "pool", "divprune", "visionzip", "fastv", "dart"]
+ALL_TRAINING_FREE = ["random", "uniform", "pool", "divprune", "visionzip", "fastv", "dart", "cdpruner"]
 
 
 @pytest.mark.parametrize("method", ALL_TRAINING_FREE)
@@ -257,4 +257,4 @@ def test_a_method_needing_what_a_family_cannot_provide_fails_clearly():
 
 
 def test_list_methods_names_every_method_once():
-    assert sorted(vs.list_methods()) == sorted(ALL_TRAINING_FREE + ["visionselector"])
+    assert sorted(vs.list_methods()) == sorted(ALL_TRAINING_FREE + ["visionselector", "visionselector_q"])

@@ -51,7 +51,8 @@ def _commands():
         "demo": ("the reference benchmark end to end: train a selector, evaluate every method, draw selections",
                  DemoConfig, run_demo),
         "train": ("train a VisionSelector scorer on a frozen model from conversation JSONL", TrainConfig, run_train),
-        "eval": ("accuracy, tokens kept and prefill time of methods x retentions; table, JSON and plot",
+        "eval": ("accuracy, tokens kept, prefill time and prefill FLOPs of methods and their variants "
+                 "(fastv@layer=0) x retentions; tables, JSON and plots",
                  EvalConfig, run_eval),
         "show": ("draw the visual tokens a method keeps on an image (PNG)", ShowConfig, run_show),
         "train-reference": ("train the DigitsVQA reference model from scratch", ReferenceRunConfig,
@@ -114,6 +115,11 @@ def _check_common(values: dict) -> None:
     for name in ("methods", "show_methods"):
         for method in values.get(name) or ():
             if method not in known and method != "all":
+                if name == "methods" and "@" in method:
+                    from .eval.quality import parse_method_spec
+
+                    parse_method_spec(method)  # a variant NAME@OPTION=VALUE,...: names what is wrong in it
+                    continue
                 raise ValueError(f"unknown method {method!r}; known methods: all, {', '.join(known)}")
     for name in ("retention", "retentions", "show_retention"):
         if name not in values or values[name] is None:

@@ -1,7 +1,9 @@
-"""``visionselector eval``: accuracy, tokens kept and prefill time of methods x retentions."""
+"""``visionselector eval``: accuracy, tokens kept, prefill time and prefill FLOPs of rows (methods and
+their variants, ``fastv@layer=0``) x retentions."""
 
 from __future__ import annotations
 
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -22,15 +24,20 @@ class EvalConfig:
     image_folder: str | None = field(default=None, metadata={
         "help": "folder that relative image and video paths start from (default: the JSONL file's folder)"})
     out: str = field(default="results", metadata={
-        "help": "output directory: results.json, results.md, accuracy.png, predictions.jsonl"})
+        "help": "output directory: results.json, results.md, accuracy.png, accuracy_vs_flops.png, predictions.jsonl"})
     model: str = field(default="reference", metadata={"help": MODEL_HELP})
-    selector: str | None = field(default=None, metadata={
-        "help": "trained selector for visionselector: our folder, a VisionSelector release folder or a hub id"})
-    methods: tuple[str, ...] = field(default=(ALL_METHODS,), metadata={"help": "methods to compare, or 'all'"})
+    selector: tuple[str, ...] | str | None = field(default=(), metadata={
+        "help": "trained selectors, one per trainable method: our folder, a VisionSelector release folder or a hub "
+                "id; each selector's config names its method, and every row of that method uses it"})
+    methods: tuple[str, ...] = field(default=(ALL_METHODS,), metadata={
+        "help": "rows to compare: method names, variants NAME@OPTION=VALUE[,OPTION=VALUE...] (e.g. fastv "
+                "fastv@layer=0 dart@layer=0,num_pivots=4; a variant is labelled as written), or 'all': every "
+                "trainable method given a --selector, then every training-free method"})
     retentions: tuple[float, ...] = field(default=(0.05, 0.1, 0.2, 0.3, 0.5, 1.0), metadata={"help": "retentions"})
     method_options: tuple[str, ...] = field(default=(), metadata={
         "help": "options of the evaluated methods as METHOD.OPTION=VALUE, e.g. dart.layer=0 fastv.layer=0 "
-                "(the decoder layer they prune after); 'visionselector methods' lists each method's options"})
+                "(the decoder layer they prune after), for every row of that method; a variant's own options "
+                "override them; 'visionselector methods' lists each method's options"})
     metric: str = field(default="exact", metadata={
         "help": "answer metric: exact (after normalising case, outer whitespace and final punctuation), "
                 "contains (the reference occurs in the answer) or anls (DocVQA's)"})
@@ -43,22 +50,38 @@ class EvalConfig:
     progress: bool = field(default=True, metadata={"help": "show progress bars"})
 
 
-def _method_list(methods, selector) -> list[str]:
-    from ..methods import list_methods
+def _selector_sources(selector) -> list[str]:
+    """``--selector`` as a list: one path (as the API and older callers give it) or several."""
+    if selector is None:
+        return []
+    if isinstance(selector, (str, os.PathLike)):
+        return [str(selector)]
+    return [str(source) for source in selector]
 
-    names = list(methods)
-    if ALL_METHODS in names:
-        names = [m for m in list_methods() if m != "visionselector" or selector is not None]
-        if selector is not None:
-            names = ["visionselector"] + [m for m in names if m != "visionselector"]
-    return names
+
+def _method_list(methods, selectors) -> list[str]:
+    """The rows to evaluate: ``methods`` with ``all`` expanded to every trainable method that has a
+    selector in ``selectors`` (``{method: source}``, in that order), then every training-free
+    method; each row once, in order."""
+    from ..methods import list_methods
+    from ..methods.base import get_method_class
+
+    rows = []
+    for spec in methods:
+        if spec == ALL_METHODS:
+            rows += [m for m in selectors if get_method_class(m).trainable]
+            rows += [m for m in list_methods() if not get_method_class(m).trainable]
+        else:
+            rows.append(spec)
+    return list(dict.fromkeys(rows))
 
 
 def run_eval(config: EvalConfig, *, model=None, processor=None, print_fn=print) -> dict:
     """Evaluate methods x retentions; writes and returns the results."""
     from ..data.batches import FeatureCache, load_examples
     from ..eval.metrics import METRICS
-    from ..eval.quality import evaluate_methods, format_table, parse_method_options, write_results
+    from ..eval.quality import (evaluate_methods, format_table, parse_method_options, resolve_rows,
+                                selectors_by_method, write_results)
 
     if config.batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {config.batch_size}")
@@ -69,8 +92,10 @@ def run_eval(config: EvalConfig, *, model=None, processor=None, print_fn=print) 
     set_threads(config.threads)
     data = check_file(config.data, "evaluation data")
     out = check_output_folder(config.out)
-    methods = _method_list(config.methods, config.selector)
+    selectors = selectors_by_method(_selector_sources(config.selector))
+    methods = _method_list(config.methods, selectors)
     method_options = parse_method_options(config.method_options, methods)
+    resolve_rows(methods, method_options, selectors)  # every row and its selector checked before the model loads
     examples = load_examples(data, config.limit, image_folder=config.image_folder)
     model, processor = model_and_processor(config.model, model, processor)
     started = time.time()
@@ -81,11 +106,12 @@ def run_eval(config: EvalConfig, *, model=None, processor=None, print_fn=print) 
              f"on {len(examples)} examples of {data} ({config.metric})")
     predictions: list[dict] = []
     records = evaluate_methods(model, processor, examples, methods=methods, retentions=config.retentions,
-                               selector=config.selector, cache=cache, batch_size=config.batch_size,
+                               selector=selectors, cache=cache, batch_size=config.batch_size,
                                max_new_tokens=config.max_new_tokens, metric=config.metric,
                                progress=config.progress, print_fn=print_fn if not config.progress else None,
                                method_options=method_options, predictions=predictions)
-    meta = {"data": str(data), "examples": len(examples), "model": config.model, "selector": config.selector,
+    meta = {"data": str(data), "examples": len(examples), "model": config.model,
+            "selectors": {method: str(source) for method, source in selectors.items()},
             "metric": config.metric, "method_options": method_options, "threads": torch.get_num_threads(),
             "encoder_ms_per_image": round(1000 * encode_seconds / images, 2) if cache is not None and images else None,
             "seconds": round(time.time() - started, 1)}
@@ -101,5 +127,10 @@ def run_eval(config: EvalConfig, *, model=None, processor=None, print_fn=print) 
              f"{meta['encoder_ms_per_image']} ms per image, is the same for every method):")
     print_fn(format_table(records, "prefill_ms"))
     print_fn("")
-    print_fn(f"wrote {paths['json']}, {paths['table']}, {paths['plot']} and {paths['predictions']}")
+    print_fn("prefill FLOPs per sample, % of the full-token run (language model at the lengths its layers run, "
+             "plus the selection's own work):")
+    print_fn(format_table(records, "flops_ratio"))
+    print_fn("")
+    print_fn(f"wrote {paths['json']}, {paths['table']}, {paths['plot']} (accuracy vs retention), "
+             f"{paths['flops_plot']} (accuracy vs prefill FLOPs) and {paths['predictions']}")
     return {"records": records, "paths": paths, "meta": meta}

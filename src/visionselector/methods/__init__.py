@@ -9,6 +9,7 @@ from . import divprune as _divprune  # noqa: F401  (registers "divprune")
 from . import visionzip as _visionzip  # noqa: F401  (registers "visionzip")
 from . import fastv as _fastv  # noqa: F401  (registers "fastv")
 from . import dart as _dart  # noqa: F401  (registers "dart")
+from . import cdpruner as _cdpruner  # noqa: F401  (registers "cdpruner")
 from . import visionselector_q as _visionselector_q  # noqa: F401  (registers "visionselector_q")
 from .visionselector import ImportanceScorer
 

@@ -279,6 +279,24 @@ class SelectionMethod(nn.Module):
         """Keep exactly ``budget[b]`` valid tokens of each row ``b``."""
         return Selection(hard_topk(self.token_scores(tokens), budget, mask=tokens.valid))
 
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """FLOPs of this method's own work for one sample at prefill, beyond the language model's layers.
+
+        Args:
+            visual: the sample's visual tokens ``N`` before selection.
+            hidden: their width ``D`` (the language model's hidden size).
+            budget: the tokens to keep, ``max(1, floor(r * N))``, as :meth:`select` receives it.
+            prompt: the sample's text tokens (every token of its prompt that is not visual).
+
+        Counted as :mod:`visionselector.eval.flops` counts the language model: 2 FLOPs per
+        multiply-add of a matrix product; averaging or merging tokens counts 1 per added
+        element; elementwise scoring, norms, softmax, sorting and top-k count 0. The work of
+        signals computed inside the model for this method (a probe of a decoder layer's
+        queries and keys) belongs here; the vision encoder's is not counted. The default, 0,
+        is right for a method that only ranks precomputed values.
+        """
+        return 0
+
     def config_dict(self) -> dict:
         """Constructor options (besides the hidden size) that rebuild this method with its weights."""
         return {}

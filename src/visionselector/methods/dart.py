@@ -52,5 +52,14 @@ class DartMethod(InsideLLMMethod):
         ranking = torch.where(pivots, torch.full_like(to_pivots, torch.inf), -to_pivots)
         return Selection(hard_topk(ranking, budget, mask=tokens.valid))
 
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """The probe of layer ``K``: queries and keys of the sample's ``L = visual + prompt`` tokens
+        (``2 * 2 L D^2``; widths taken as ``D``, an upper bound under grouped-query attention),
+        then the cosine similarity of the ``N`` visual tokens to the ``min(k, num_pivots)``
+        pivots (``2 N P D``). Key norms and the ranking count 0.
+        """
+        pivots = min(budget, self.num_pivots) if visual else 0
+        return 2 * 2 * (visual + prompt) * hidden * hidden + 2 * visual * pivots * hidden
+
     def config_dict(self) -> dict:
         return {**super().config_dict(), "num_pivots": self.num_pivots}

@@ -55,3 +55,11 @@ class DivPruneMethod(SelectionMethod):
         for row, (n, k) in enumerate(zip(counts, budget.tolist())):
             keep[row, max_min_diverse(tokens.features[row, :n], k)] = True
         return Selection(keep)
+
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """:func:`max_min_diverse`'s products: the ``N x N`` cosine similarity (``2 N^2 D``), then
+        one ``N``-vector of similarities per chosen token (``2 N D k``); 0 when ``k >= N``
+        (everything is kept without comparing)."""
+        if budget >= visual or budget <= 0:
+            return 0
+        return 2 * visual * visual * hidden + 2 * visual * hidden * budget

@@ -27,3 +27,14 @@ class FastVMethod(InsideLLMMethod):
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         return Selection(hard_topk(tokens.query_attention.float(), budget, mask=tokens.valid))
+
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """The probe of layer ``K``: queries and keys of the sample's ``L = visual + prompt`` tokens
+        (``2 * 2 L D^2``) and the last token's attention logits over them (``2 L D``).
+
+        Query and key widths are taken as ``D`` (heads x head width): exact for multi-head
+        attention with ``H d = D``; under grouped-query attention the keys are narrower and
+        this is an upper bound.
+        """
+        length = visual + prompt
+        return 2 * 2 * length * hidden * hidden + 2 * length * hidden

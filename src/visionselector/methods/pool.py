@@ -43,6 +43,10 @@ class PoolMethod(SelectionMethod):
                 offset += height * width
         return Selection(keep, pooled)
 
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """The cell means: each visual token's ``D`` features are added into its cell once (``N D``)."""
+        return visual * hidden if budget > 0 else 0
+
 
 def _pool_frame(frame: torch.Tensor, grid_h: int, grid_w: int):
     """Yield ``(row-major index of the cell's centre token, mean feature of the cell)``."""

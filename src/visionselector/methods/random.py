@@ -45,5 +45,9 @@ class RandomMethod(SelectionMethod):
             noise[row, cpu_mask[row]] = torch.rand(int(cpu_mask[row].sum()), generator=generator, dtype=torch.float64)
         return noise.to(features.device)
 
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """0: drawing noise and taking its top-k does no arithmetic on the tokens."""
+        return 0
+
     def config_dict(self) -> dict:
         return {"seed": self.seed}

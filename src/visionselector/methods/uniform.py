@@ -29,3 +29,7 @@ class UniformMethod(SelectionMethod):
                 keep[row, offset + even_grid(height, width, share).to(keep.device)] = True
                 offset += height * width
         return Selection(keep)
+
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """0: the grid's positions follow from the frame sizes alone."""
+        return 0

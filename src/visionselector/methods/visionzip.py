@@ -79,5 +79,18 @@ class VisionZipMethod(SelectionMethod):
                 features[row, targets] = merged
         return Selection(keep, features)
 
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """The contextual merge: the ``N - k`` remaining tokens' cosine similarity to the ``k_c``
+        targets (``2 (N - k) k_c D``) and their sums into the targets' means (``(N - k) D``).
+        Ranking by encoder attention counts 0; that attention comes from the vision encoder,
+        which is not counted here."""
+        if budget <= 0 or budget >= visual:
+            return 0
+        contextual = int(self.contextual_ratio * budget)
+        if not contextual:
+            return 0
+        others = visual - budget
+        return 2 * others * contextual * hidden + others * hidden
+
     def config_dict(self) -> dict:
         return {"contextual_ratio": self.contextual_ratio}
