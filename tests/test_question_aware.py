@@ -307,3 +307,20 @@ def test_diversity_zero_is_the_papers_selection():
     with torch.no_grad():
         model(**batch)
     assert [k.tolist() for k in vs.last_selection(model)] != plain
+
+
+def test_selection_flops_count_the_products_that_run():
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, t, d, h, k = 40, 7, 24, 10, 9
+    tokens = VisualTokens(torch.randn(1, n, d), torch.ones(1, n, dtype=torch.bool), prompt=torch.randn(1, t, d),
+                          prompt_valid=torch.ones(1, t, dtype=torch.bool))
+    for method in (QuestionAwareSelectorMethod(d, hidden_dim=h, diversity=0.5),
+                   QuestionAwareSelectorMethod(d, hidden_dim=h, image_score=False),
+                   vs.methods.get_method_class("visionselector")(d, hidden_dim=h, diversity=0.3),
+                   vs.methods.get_method_class("visionselector")(d, hidden_dim=h)):
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            method.select(tokens, torch.tensor([k]))
+        # The counter sees matrix products only; the gate's softmax and the sums are not products.
+        assert counter.get_total_flops() == method.selection_flops(n, d, k, t)

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.diversity import mmr_keep
+from ..ops.diversity import mmr_flops, mmr_keep
 from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
 
 __all__ = ["ImportanceScorer", "VisionSelectorMethod", "VisionSelectorOptions"]
@@ -123,6 +123,12 @@ class VisionSelectorMethod(SelectionMethod):
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         return Selection(mmr_keep(self.token_scores(tokens), tokens.features, budget, tokens.valid, self.diversity))
+
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """The scorer's products: the mean token's key and its direction (``4 D h``) and one dot
+        product per token (``2 N D``); plus the cosine similarities of MMR when ``diversity > 0``."""
+        return 4 * hidden * self.scorer.hidden_dim + 2 * visual * hidden + mmr_flops(visual, hidden, budget,
+                                                                                     self.diversity)
 
     def config_dict(self) -> dict:
         config = {"hidden_dim": self.scorer.hidden_dim}

@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.diversity import mmr_keep
+from ..ops.diversity import mmr_flops, mmr_keep
 from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
 from .visionselector import ImportanceScorer
 
@@ -168,6 +168,15 @@ class QuestionAwareSelectorMethod(SelectionMethod):
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         return Selection(mmr_keep(self.token_scores(tokens), tokens.features, budget, tokens.valid, self.diversity))
+
+    def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
+        """The gate and the pooled prompt (``4 T D``), the query and its direction (``4 D h``), one
+        dot product per token (``2 N D``), the same again for the image term, and MMR's cosine
+        similarities when ``diversity > 0``."""
+        width = self.scorer.hidden_dim
+        question = 4 * prompt * hidden + 4 * hidden * width + 2 * visual * hidden
+        image = 4 * hidden * width + 2 * visual * hidden if self.scorer.image is not None else 0
+        return question + image + mmr_flops(visual, hidden, budget, self.diversity)
 
     def config_dict(self) -> dict:
         return {"hidden_dim": self.scorer.hidden_dim, "image_score": self.scorer.image is not None,

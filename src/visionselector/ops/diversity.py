@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from .topk import hard_topk
 
-__all__ = ["normalised_importance", "mmr_keep", "cosine_similarity_matrix"]
+__all__ = ["normalised_importance", "mmr_keep", "mmr_flops", "cosine_similarity_matrix"]
 
 
 def normalised_importance(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -75,3 +75,11 @@ def mmr_keep(scores: torch.Tensor, features: torch.Tensor, budget: torch.Tensor,
         keep[rows[active], pick[active]] = True
         closest = torch.maximum(closest, similarity[rows, :, pick])
     return keep
+
+
+def mmr_flops(visual: int, hidden: int, budget: int, diversity: float) -> int:
+    """Matrix-product FLOPs :func:`mmr_keep` adds to scoring: the ``N x N`` cosine similarity
+    (``2 N^2 D``) when ``diversity > 0`` and something is dropped; else 0."""
+    if diversity == 0.0 or budget >= visual or budget <= 0:
+        return 0
+    return 2 * visual * visual * hidden
