@@ -384,20 +384,22 @@ def test_cli_train_reference_writes_a_loadable_model_and_continues_only_from_mat
     assert "other widths" in capsys.readouterr().err
 
 
-def test_demo_summary_compares_against_the_full_model_and_the_best_training_free_method():
+def test_demo_summary_compares_against_full_tokens_the_paper_and_depth_matched_rows():
     from visionselector.commands.demo import _targets
     from visionselector.eval.quality import QualityRecord
 
-    def record(method, retention, accuracy, prefill_ms):
-        return QualityRecord(method, retention, accuracy, 25.0, 256.0, prefill_ms, 100)
+    def record(method, retention, accuracy):
+        return QualityRecord(method, retention, accuracy, 25.0, 256.0, 1.0, 100)
 
-    records = [record(m, 1.0, 0.8, 8.0) for m in ("visionselector", "dart", "uniform")] + [
-        record("visionselector", 0.3, 0.76, 2.5), record("visionselector", 0.1, 0.7, 1.25),
-        record("dart", 0.1, 0.785, 6.5), record("uniform", 0.1, 0.52, 1.0)]
+    records = [record(m, 1.0, 0.8) for m in ("visionselector_q", "visionselector", "dart", "dart@layer=0")] + [
+        record("visionselector_q", 0.3, 0.78), record("visionselector_q", 0.1, 0.7), record("visionselector", 0.1, 0.6),
+        # dart at its default layer 2 is not depth-matched and is left out of the comparison
+        record("dart", 0.1, 0.79), record("dart@layer=0", 0.1, 0.75), record("uniform", 0.1, 0.52)]
     summary = _targets(records)
-    assert summary["share_of_full_at_0.3"] == pytest.approx(0.95)
-    assert summary["best_training_free_at_0_1"] == "dart" and summary["margin_at_0_1"] == pytest.approx(-0.085)
+    assert summary["share_of_full_at_0.3"] == pytest.approx(0.975)
+    assert summary["margin_at_0.1"]["best_training_free"] == "dart@layer=0"
+    assert summary["margin_at_0.1"]["points"] == pytest.approx(-5.0)
     assert summary["lines"] == [
-        "visionselector at retention 0.3 keeps 95.0% of the full-token accuracy (76.0% vs 80.0%)",
-        "at retention 0.1 visionselector scores 70.0%, the best training-free method (dart) 78.5%: -8.5 points "
-        "(prefill 1.25 ms against 6.50 ms per sample)"]
+        "visionselector_q at retention 0.3 keeps 97.5% of the full-token accuracy (78.0% vs 80.0%)",
+        "at retention 0.1 visionselector_q scores 70.0%: -5.0 points against the best depth-matched training-free "
+        "row (dart@layer=0, 75.0%), the paper's scorer 60.0%"]

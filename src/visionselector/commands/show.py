@@ -19,7 +19,7 @@ class ShowConfig:
     method: str = field(default="visionselector", metadata={"help": "selection method"})
     retention: float = field(default=0.1, metadata={"help": "fraction of visual tokens kept"})
     selector: str | None = field(default=None, metadata={
-        "help": "trained selector for visionselector: our folder, a VisionSelector release folder or a hub id"})
+        "help": "trained selector for a learned method: our folder, a VisionSelector release folder or a hub id"})
     data: str | None = field(default=None, metadata={"help": "conversation JSONL to take the image and question from"})
     image_folder: str | None = field(default=None, metadata={
         "help": "folder that relative image paths start from (default: the JSONL file's folder)"})
@@ -36,10 +36,12 @@ def run_show(config: ShowConfig, *, model=None, processor=None, print_fn=print) 
     from ..ops.topk import validate_retention
     from ..viz.show import show_selection
 
+    from ..methods import get_method_class
+
     validate_retention(config.retention)
-    if config.method == "visionselector" and config.selector is None:
-        raise ValueError("method 'visionselector' needs --selector (a folder written by 'visionselector train', "
-                         "a VisionSelector release or a hub id)")
+    if get_method_class(config.method).trainable and config.selector is None:
+        raise ValueError(f"method {config.method!r} is learned and needs --selector (a folder written by "
+                         "'visionselector train', a VisionSelector release or a hub id)")
     if (config.data is None) == (config.image is None):
         raise ValueError("give either --data (and --index) or --image and --question")
     if config.max_new_tokens < 1:
