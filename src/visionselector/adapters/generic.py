@@ -508,6 +508,10 @@ def check_generation_options(model, state: AttachedState, kwargs: dict) -> None:
                          f"attention of the last token at decoder layer {state.method.prune_layer}, and without a "
                          "cache every step re-runs the prompt with the answer so far, so the selection would change "
                          "as the answer grows. Use the default use_cache=True")
+    if config.use_cache is False and "prompt" in state.method.needs and state.retention < 1.0:
+        raise ValueError(f"use_cache=False is not supported with method {state.method_name!r}: it selects by the "
+                         "prompt's text, and without a cache every step re-runs the prompt with the answer so far, "
+                         "so the selection would change as the answer grows. Use the default use_cache=True")
 
 
 def _given(value) -> bool:
