@@ -86,6 +86,15 @@ class ImportanceScorer(nn.Module):
         return f"in_features={self.in_features}, hidden_dim={self.hidden_dim}"
 
 
+def diversity_option(at_zero: str):
+    """The ``diversity`` option of the learned methods (:func:`~visionselector.ops.diversity.mmr_keep`);
+    ``at_zero`` ends its help, saying what 0 is."""
+    return field(default=0.0, metadata={
+        "help": "weight of redundancy against score when keeping tokens (maximal marginal relevance on cosine "
+                f"similarity, as IDPruner); 0 keeps the top-scored tokens, {at_zero}",
+        "at_least": 0.0, "at_most": 1.0})
+
+
 @dataclass
 class VisionSelectorOptions:
     """Options of :class:`VisionSelectorMethod`."""
@@ -96,10 +105,7 @@ class VisionSelectorOptions:
     # A zero std would start every weight at 0, where the scorer's gradients vanish too.
     init_std: float = field(default=1e-4, metadata={"help": "standard deviation of the scorer's initial weights",
                                                     "above": 0.0})
-    diversity: float = field(default=0.0, metadata={
-        "help": "weight of redundancy against score when keeping tokens (maximal marginal relevance on cosine "
-                "similarity, as IDPruner); 0 keeps the top-scored tokens, as the paper does",
-        "at_least": 0.0, "at_most": 1.0})
+    diversity: float = diversity_option("as the paper does")
 
 
 @register_method

@@ -34,7 +34,7 @@ from torch import nn
 
 from ..ops.diversity import mmr_flops, mmr_keep
 from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
-from .visionselector import ImportanceScorer
+from .visionselector import ImportanceScorer, diversity_option
 
 __all__ = ["QuestionScorer", "QuestionAwareScorer", "QuestionAwareSelectorMethod", "QuestionAwareSelectorOptions"]
 
@@ -131,10 +131,7 @@ class QuestionAwareSelectorOptions:
                                                     "above": 0.0})
     image_score: bool = field(default=True, metadata={
         "help": "add the paper's image-only importance score to the question's"})
-    diversity: float = field(default=0.0, metadata={
-        "help": "weight of redundancy against score when keeping tokens (maximal marginal relevance on cosine "
-                "similarity); 0 keeps the top-scored tokens",
-        "at_least": 0.0, "at_most": 1.0})
+    diversity: float = diversity_option("as the paper's scorer does")
 
 
 @register_method
