@@ -8,7 +8,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["check_file", "check_output_folder", "check_count", "check_positive", "set_threads", "parse_device",
-           "model_and_processor", "MODEL_HELP"]
+           "parse_dtype", "model_and_processor", "MODEL_HELP"]
 
 DEVICES = "cpu, cuda, cuda:N (a GPU index) or auto (cuda when available, else cpu)"
 
@@ -78,12 +78,22 @@ def parse_device(text: str) -> torch.device:
     return device
 
 
-def model_and_processor(source: str, model=None, processor=None):
-    """The given model and processor, or both loaded from ``source``."""
+DTYPES = {"auto": "auto", "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def parse_dtype(text: str):
+    """``text`` as what ``load_model`` takes for ``dtype``; ``ValueError`` listing the valid names otherwise."""
+    if text not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {text!r}")
+    return DTYPES[text]
+
+
+def model_and_processor(source: str, model=None, processor=None, **options):
+    """The given model and processor, or both loaded from ``source`` (``options`` go to ``load_model``)."""
     if model is not None:
         if processor is None:
             raise ValueError("a model given without its processor")
         return model, processor
     from ..models import load_model
 
-    return load_model(source)
+    return load_model(source, **options)

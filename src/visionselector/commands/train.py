@@ -12,7 +12,8 @@ import torch
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from ..training import SelectorTrainingConfig
-from .common import MODEL_HELP, check_file, check_output_folder, model_and_processor, set_threads
+from ..training.distributed import join_launched_group, local_device
+from .common import MODEL_HELP, check_file, check_output_folder, model_and_processor, parse_dtype, set_threads
 
 __all__ = ["TrainConfig", "run_train"]
 
@@ -29,9 +30,20 @@ class TrainConfig(SelectorTrainingConfig):
         "help": "folder that relative image and video paths start from (default: the JSONL file's folder)"})
     out: str = field(default="selector", metadata={"help": "output directory of the selector"})
     model: str = field(default="reference", metadata={"help": MODEL_HELP})
+    device: str = field(default="auto", metadata={
+        "help": "cpu, cuda, cuda:N or auto (cuda when available); under torchrun / accelerate launch, auto and "
+                "cuda mean each process's own GPU (LOCAL_RANK)"})
+    dtype: str = field(default="auto", metadata={
+        "help": "weights of the frozen model: auto (the checkpoint's on GPUs, float32 on CPUs), float32, bfloat16 "
+                "or float16; the scorer always trains in float32"})
     epochs: float = field(default=1.0, metadata={"help": "passes over the data (ignored if --steps is set)"})
     steps: int | None = field(default=None, metadata={"help": "optimizer steps (default: from --epochs)"})
-    batch_size: int = field(default=16, metadata={"help": "examples per step"})
+    batch_size: int = field(default=16, metadata={
+        "help": "examples per optimizer step, over all processes together (a run's result does not depend on "
+                "how many processes share it)"})
+    micro_batch_size: int | None = field(default=None, metadata={
+        "help": "examples per forward pass on each process; gradients of a step's micro-batches add up "
+                "(default: each process's whole share of the step)"})
     cache_features: bool = field(default=True, metadata={"help": "encode each image once and train on the cached features"})
     cache_dir: str | None = field(default=None, metadata={"help": "keep cached features here (default: OUT/cache)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every this many steps"})
@@ -51,17 +63,14 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
     holds a checkpoint or a selector is refused unless ``overwrite`` (which deletes them
     first); ``resume`` needs a checkpoint there, made with the same settings.
     """
-    import visionselector as vs
-
-    from ..data.batches import ExampleBatches, FeatureCache, load_examples
-    from ..training import train_selector
-
     training = SelectorTrainingConfig(**{f.name: getattr(config, f.name) for f in fields(SelectorTrainingConfig)})
     training.validate()
     method_options = _method_options(config)
     for name, least in (("batch_size", 1), ("save_every", 0)):
         if getattr(config, name) < least:
             raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
+    if config.micro_batch_size is not None and config.micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be at least 1 (or unset), got {config.micro_batch_size}")
     if config.steps is not None and config.steps < 1:
         raise ValueError(f"steps must be at least 1, got {config.steps}")
     if config.steps is None and not config.epochs > 0:
@@ -70,39 +79,66 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
         raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in OUT, "
                          "--overwrite starts a new one in its place")
     set_threads(config.threads)
+    dtype = parse_dtype(config.dtype)
+    device = local_device(config.device)
+    group, joined = join_launched_group(device)
+    try:
+        return _run(config, training, method_options, model, processor, print_fn, device, dtype, group)
+    finally:
+        if joined:
+            import torch.distributed as dist
+
+            dist.destroy_process_group()
+
+
+def _run(config: TrainConfig, training: SelectorTrainingConfig, method_options: dict, model, processor, print_fn,
+         device, dtype, group) -> dict:
+    import visionselector as vs
+
+    from ..data.batches import ExampleBatches, FeatureCache, load_examples
+    from ..training import train_selector
+    from ..training.distributed import barrier, main_process_first
+
     data = check_file(config.data, "training data")
     out = check_output_folder(config.out)
     if config.cache_dir is not None:
         check_output_folder(config.cache_dir, "feature cache folder")
     checkpoint = out / "checkpoint"
     run_settings = _data_settings(config, data)
-    _check_previous_run(out, checkpoint, config, training, run_settings)
+    with main_process_first(group):  # rank 0 may finish a save that was cut off
+        _check_previous_run(out, checkpoint, config, training, run_settings)
     examples = load_examples(data, config.limit, image_folder=config.image_folder)
-    model, processor = model_and_processor(config.model, model, processor)
+    model, processor = model_and_processor(config.model, model, processor, device=device, dtype=dtype)
+    run_settings.update(_dtype_setting(model))
     started = time.time()
     cache = None
     if config.cache_features:
         cache = FeatureCache(model, processor, examples, directory=config.cache_dir or out / "cache",
-                             progress=config.progress)
+                             progress=config.progress and group.main, group=group)
     batches = ExampleBatches(examples, processor, batch_size=config.batch_size, cache=cache, with_answers=True,
-                             shuffle_seed=config.seed)
+                             shuffle_seed=config.seed, group=group, micro_batch_size=config.micro_batch_size)
     steps = config.steps or max(1, round(config.epochs * batches.batches_per_epoch()))
     options = {**({} if config.hidden_dim is None else {"hidden_dim": config.hidden_dim}), **method_options}
-    if config.overwrite:
+    if config.overwrite and group.main:
         _remove_previous_run(out, checkpoint)
+    barrier(group)
     torch.manual_seed(config.seed)
-    print_fn(f"training a selector at retention {config.retention:g} on {len(examples)} examples of {data}: "
-             f"{steps} steps of {config.batch_size}" + (" (cached visual features)" if cache else ""))
+    say = print_fn if group.main else (lambda *_: None)
+    say(f"training a selector at retention {config.retention:g} on {len(examples)} examples of {data}: "
+        f"{steps} steps of {config.batch_size}" + (" (cached visual features)" if cache else "")
+        + (f" on {group.size} processes" if group.active else ""))
     with vs.attached(model, method=config.method, retention=config.retention, **options):
         history = train_selector(model, batches, steps=steps, config=training, output_dir=str(out),
                                  checkpoint_dir=str(checkpoint), save_every=config.save_every,
                                  resume=config.resume, run_settings=run_settings)
     seconds = time.time() - started
-    (out / "training_log.json").write_text(json.dumps(
-        {"config": asdict(config), "steps": steps, "seconds": round(seconds, 1), "history": history}, indent=1) + "\n")
+    if group.main:
+        (out / "training_log.json").write_text(json.dumps(
+            {"config": asdict(config), "steps": steps, "processes": group.size, "seconds": round(seconds, 1),
+             "history": history}, indent=1) + "\n")
     last = history[-10:]
-    print_fn(f"selector saved to {out} after {seconds:.0f} s; mean loss of the last {len(last)} steps "
-             f"{sum(h['loss'] for h in last) / max(1, len(last)):.4f}")
+    say(f"selector saved to {out} after {seconds:.0f} s; mean loss of the last {len(last)} steps "
+        f"{sum(h['loss'] for h in last) / max(1, len(last)):.4f}")
     return {"selector": out, "history": history, "seconds": seconds}
 
 
@@ -148,8 +184,17 @@ def _remove_previous_run(out: Path, checkpoint: Path) -> None:
         (out / name).unlink(missing_ok=True)
 
 
+def _dtype_setting(model) -> dict:
+    """The dtype of the frozen model's weights, which a resumed run must share; float32 runs carry no
+    entry, as before the dtype could be chosen, so that their checkpoints still resume."""
+    dtype = model.get_input_embeddings().weight.dtype
+    return {} if dtype == torch.float32 else {"dtype": str(dtype).removeprefix("torch.")}
+
+
 def _data_settings(config: TrainConfig, data: Path) -> dict:
-    """The command's settings a resumed run must share: the data (file and contents), its order and the model."""
+    """The command's settings a resumed run must share: the data (file and contents), its order and the
+    model. The number of processes and the micro-batch size are not among them: they do not change
+    what a step computes."""
     from ..models import REFERENCE_MODEL
 
     model = config.model

@@ -85,10 +85,14 @@ class FeatureCache:
             weights and image contents come again (they are recomputed otherwise).
         batch_size: images per encoder call.
         progress: show a progress bar.
+        group: the processes of a data-parallel run (``training.distributed.ProcessGroup``);
+            each encodes its share of the images once, and all of them end with every
+            feature. It needs ``directory``, on storage every process reads.
     """
 
     def __init__(self, model, processor, examples: list[ConversationRecord], *,
-                 directory: str | Path | None = None, batch_size: int = 32, progress: bool = True) -> None:
+                 directory: str | Path | None = None, batch_size: int = 32, progress: bool = True,
+                 group=None) -> None:
         self.examples = examples
         self.adapter = _vision_side(model)[0]
         key = hashlib.sha256(json.dumps(["side-inputs", _encoder_fingerprint(model),
@@ -97,29 +101,50 @@ class FeatureCache:
             [_file_digest(image) for image in e.images] for e in examples
         ]).encode()).hexdigest()[:20]
         path = None if directory is None else Path(directory) / f"features-{key}.pt"
-        if path is not None and path.is_file():
-            try:
-                saved = torch.load(path, weights_only=True)
-                if saved["key"] == key and len(saved["features"]) == len(examples):
-                    self.features, self.side_inputs = saved["features"], saved["side_inputs"]
-                    return
-            except Exception:  # a truncated or foreign file: recompute and overwrite it
-                pass
-        self.features, self.side_inputs = self._encode(model, processor, batch_size, progress)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            temporary = path.with_suffix(".tmp")
-            torch.save({"key": key, "features": self.features, "side_inputs": self.side_inputs}, temporary)
-            temporary.replace(path)
+        from ..training.distributed import ProcessGroup, barrier
 
-    def _encode(self, model, processor, batch_size: int, progress: bool):
+        group = group or ProcessGroup()
+        if group.active and path is None:
+            raise ValueError("a feature cache shared by several processes needs a directory they all read")
+        if self._load(path, key):
+            return
+        barrier(group)  # nobody may find the file from here on unless everybody did
+        adapter = _vision_side(model)[0]
+        jobs = [(i, image) for i, e in enumerate(examples) if not e.videos
+                and (adapter.images_encode_alone or len(e.images) <= 1) for image in e.images]
+        if not group.active:
+            encoded = self._encode(model, processor, jobs, batch_size, progress)
+        else:
+            encoded = self._encode_shared(model, processor, jobs, batch_size, progress and group.main, path, group)
+        self.features, self.side_inputs = self._gather(encoded)
+        if path is not None and group.main:
+            self._save(path, key)
+        barrier(group)
+
+    def _load(self, path: Path | None, key: str) -> bool:
+        if path is None or not path.is_file():
+            return False
+        try:
+            saved = torch.load(path, weights_only=True)
+            if saved["key"] == key and len(saved["features"]) == len(self.examples):
+                self.features, self.side_inputs = saved["features"], saved["side_inputs"]
+                return True
+        except Exception:  # a truncated or foreign file: recompute and overwrite it
+            pass
+        return False
+
+    def _save(self, path: Path, key: str) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.with_suffix(".tmp")
+        torch.save({"key": key, "features": self.features, "side_inputs": self.side_inputs}, temporary)
+        temporary.replace(path)
+
+    def _encode(self, model, processor, jobs: list, batch_size: int, progress: bool) -> list:
+        """``(example index, features, side-input row)`` of each image of ``jobs``, in order."""
         from tqdm.auto import tqdm
 
         adapter, tower = _vision_side(model)
-        jobs = [(i, image) for i, e in enumerate(self.examples) if not e.videos
-                and (adapter.images_encode_alone or len(e.images) <= 1) for image in e.images]
-        features = [[] for _ in self.examples]
-        rows: list[dict[str, list]] = [{} for _ in self.examples]
+        encoded = []
         was_training = tower.training
         tower.eval()
         with torch.no_grad():
@@ -131,10 +156,36 @@ class FeatureCache:
                 side = {name: value for name, value in pixels.items()
                         if name != "pixel_values" and torch.is_tensor(value) and value.shape[:1] == (len(chunk),)}
                 for position, ((i, _), item) in enumerate(zip(chunk, adapter.encode_images(model, pixels))):
-                    features[i].append(item)
-                    for name, value in side.items():
-                        rows[i].setdefault(name, []).append(value[position])
+                    encoded.append((i, item, {name: value[position] for name, value in side.items()}))
         tower.train(was_training)
+        return encoded
+
+    def _encode_shared(self, model, processor, jobs: list, batch_size: int, progress: bool, path: Path,
+                       group) -> list:
+        """Each process encodes its contiguous share of ``jobs`` into a part file; every process
+        then reads all parts, in rank order, which is the order of ``jobs``."""
+        from ..training.distributed import barrier, share
+
+        part = path.with_name(f"{path.stem}.part{group.rank}of{group.size}.pt")
+        part.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(self._encode(model, processor, share(jobs, group), batch_size, progress), part)
+        barrier(group)
+        encoded = []
+        device = next(_vision_side(model)[1].parameters()).device  # where this process's encoder put its own
+        for rank in range(group.size):
+            encoded += torch.load(path.with_name(f"{path.stem}.part{rank}of{group.size}.pt"), weights_only=True,
+                                  map_location=device)
+        barrier(group)  # every part is read before it is deleted
+        part.unlink()
+        return encoded
+
+    def _gather(self, encoded: list):
+        features = [[] for _ in self.examples]
+        rows: list[dict[str, list]] = [{} for _ in self.examples]
+        for i, item, side in encoded:
+            features[i].append(item)
+            for name, value in side.items():
+                rows[i].setdefault(name, []).append(value)
         return features, [{name: torch.stack(values) for name, values in per.items()} for per in rows]
 
     def covers(self, index: int) -> bool:
@@ -157,14 +208,25 @@ class ExampleBatches:
     the prompt ends with the generation prompt before the last answer (evaluation).
     Iterating from ``start`` skips the first batches without building them, which is how a
     resumed run continues where it stopped.
+
+    ``batch_size`` is the whole batch of a step. With ``group`` (the processes of a
+    data-parallel run) or ``micro_batch_size``, iterating yields instead, per step, a list of
+    this process's micro-batches: its contiguous share of the step's examples, cut into
+    batches of at most ``micro_batch_size`` (an empty list when the share is empty). The
+    steps' examples are the same whatever the number of processes.
     """
 
     def __init__(self, examples: list[ConversationRecord], processor, *, batch_size: int,
                  cache: FeatureCache | None = None, with_answers: bool = False, shuffle_seed: int | None = None,
-                 pixels: bool = False) -> None:
+                 pixels: bool = False, group=None, micro_batch_size: int | None = None) -> None:
         self.adapter = cache.adapter if cache is not None else None
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        if micro_batch_size is not None and (isinstance(micro_batch_size, bool) or not isinstance(micro_batch_size, int)
+                                             or micro_batch_size < 1):
+            raise ValueError(f"micro_batch_size must be None (a process's whole share) or an integer of at least 1, "
+                             f"got {micro_batch_size!r}")
+        self.group, self.micro_batch_size = group, micro_batch_size
         if cache is not None and cache.examples is not examples and len(cache) != len(examples):
             raise ValueError(f"the feature cache holds {len(cache)} examples, the batches {len(examples)}")
         self.examples, self.processor, self.batch_size = examples, processor, batch_size
@@ -230,10 +292,23 @@ class ExampleBatches:
                                              if name in self.cache.side_inputs[i]])
         return batch
 
+    @property
+    def in_parts(self) -> bool:
+        """Whether iterating yields each step as a list of this process's micro-batches."""
+        return self.micro_batch_size is not None or (self.group is not None and self.group.active)
+
+    def parts(self, step: int) -> list[dict]:
+        """This process's micro-batches of the ``step``-th batch."""
+        from ..training.distributed import ProcessGroup, share
+
+        mine = share(self.indices(step), self.group or ProcessGroup())
+        size = self.micro_batch_size or max(1, len(mine))
+        return [self.batch(mine[first:first + size]) for first in range(0, len(mine), size)]
+
     def __iter__(self):
         step, self.start = self.start, 0
         while True:
-            yield self.batch(self.indices(step))
+            yield self.parts(step) if self.in_parts else self.batch(self.indices(step))
             step += 1
 
     def epoch(self):

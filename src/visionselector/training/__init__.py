@@ -16,6 +16,7 @@ import json
 import math
 import numbers
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Iterable, Mapping
@@ -25,6 +26,8 @@ import torch
 from ..api import attach, detach, get_method, get_state, is_attached, save_selector, set_selection_loss_weight
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME, read_selector, sync_path, temporary_name
 from ..ops.topk import validate_retention
+from .distributed import (barrier, broadcast_parameters, check_same_weights, current_group, main_process_first,
+                          sum_across, sum_gradients)
 
 __all__ = [
     "CurriculumSchedule",
@@ -77,6 +80,9 @@ class SelectorTrainingConfig:
     lambda_end: float = field(default=2.0, metadata={"help": "selection-loss weight at the end"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
     hidden_dim: int | None = field(default=None, metadata={"help": "scorer width h; default: hidden size // 2"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute the frozen language model's layers in the backward pass instead of keeping their "
+                "activations (less memory, about a third more time; the same result)"})
     progress: bool = field(default=True, metadata={"help": "show a progress bar"})
 
     @classmethod
@@ -149,7 +155,11 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
 
     Args:
         model: a supported MLLM; a fresh method ``config.method`` is attached unless one is.
-        batches: an iterable of model inputs with ``labels`` (cycled if shorter than ``steps``).
+        batches: an iterable of model inputs with ``labels`` (cycled if shorter than ``steps``). An
+            item may also be a list of such inputs: micro-batches whose gradients add up to one
+            optimizer step (an empty list contributes nothing). Under ``torch.distributed`` each
+            process gives its own share of every step; losses are normalised by the whole
+            step's counts, so the run equals one process training on the whole batches.
         steps: number of optimizer steps.
         config: learning rate, curriculum ends and the rest (:class:`SelectorTrainingConfig`).
         output_dir: if given, the selector is saved there at the end.
@@ -201,14 +211,20 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
     try:
         state = get_state(model)
         settings = _run_settings(model, config, steps, run_settings)
-        saved = _read_checkpoint(checkpoint_dir, settings) if resume else None
+        saved = None
+        if resume:
+            with main_process_first(current_group()):  # rank 0 finishes a cut-off save before the others read
+                saved = _read_checkpoint(checkpoint_dir, settings)
         state.retention = config.retention
         state.training_retention = config.retention
         freeze_for_selector_training(model)
         started = True
-        history = _train(model, batches, steps, config, log_every, checkpoint_dir, save_every, settings, saved)
-        if output_dir is not None:
+        with _checkpointed_layers(model, config.gradient_checkpointing):
+            history = _train(model, batches, steps, config, log_every, checkpoint_dir, save_every, settings, saved)
+        group = current_group()
+        if output_dir is not None and group.main:
             save_selector(model, output_dir)
+        barrier(group)
         return history
     finally:
         get_method(model).eval()
@@ -266,6 +282,7 @@ def _train(model, batches, steps: int, config: SelectorTrainingConfig, log_every
            save_every: int, settings: dict, saved: dict | None) -> list[dict]:
     """The training loop, from the start or from the checkpoint ``saved``."""
     state = get_state(model)
+    group = current_group()
     parameters = [p for p in state.method.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=config.learning_rate, weight_decay=config.weight_decay)
     scheduler = cosine_with_warmup(optimizer, int(round(config.warmup_ratio * steps)), steps)
@@ -280,8 +297,9 @@ def _train(model, batches, steps: int, config: SelectorTrainingConfig, log_every
         first_step, history = int(saved["step"]), list(saved["history"])
         if hasattr(batches, "skip"):
             batches.skip(first_step)
+    broadcast_parameters(parameters, group)
     progress = None
-    if config.progress:
+    if config.progress and group.main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=steps, initial=first_step, desc="training selector", unit="step")
@@ -292,43 +310,124 @@ def _train(model, batches, steps: int, config: SelectorTrainingConfig, log_every
     try:
         for step in range(first_step, steps):
             batch = next(iterator)
-            if "labels" not in batch:
-                raise ValueError("training batches need 'labels' (the answer tokens; -100 elsewhere)")
             weight = schedule.weight(step)
-            set_selection_loss_weight(model, weight)
-            inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
-            outputs = model(**inputs)
             optimizer.zero_grad(set_to_none=True)
-            outputs.loss.backward()
+            if isinstance(batch, (list, tuple)) or group.active:
+                parts = list(batch) if isinstance(batch, (list, tuple)) else [batch]
+                loss, language, selection = _shared_step(model, state, parts, weight, group, device, parameters)
+            else:
+                _check_labels(batch)
+                set_selection_loss_weight(model, weight)
+                inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+                outputs = model(**inputs)
+                outputs.loss.backward()
+                losses = state.last_losses
+                loss = float(outputs.loss.detach())
+                language = float(losses.get("language", float("nan")))
+                selection = float(losses.get("selection", float("nan")))
             if config.max_grad_norm > 0:
                 torch.nn.utils.clip_grad_norm_(parameters, config.max_grad_norm)
             optimizer.step()
             scheduler.step()
-            losses = state.last_losses
-            record = {
-                "step": step + 1,
-                "loss": float(outputs.loss.detach()),
-                "language_loss": float(losses.get("language", float("nan"))),
-                "selection_loss": float(losses.get("selection", float("nan"))),
-                "lambda": weight,
-                "lr": optimizer.param_groups[0]["lr"],
-            }
+            record = {"step": step + 1, "loss": loss, "language_loss": language, "selection_loss": selection,
+                      "lambda": weight, "lr": optimizer.param_groups[0]["lr"]}
             history.append(record)
             if progress is not None:
                 progress.update(1)
                 progress.set_postfix(loss=f"{record['loss']:.4f}", lam=f"{weight:.2f}")
-            if log_every and (step + 1) % log_every == 0:
+            if log_every and (step + 1) % log_every == 0 and group.main:
                 print(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in record.items()))
             if checkpoint_dir is not None and ((save_every and (step + 1) % save_every == 0) or step + 1 == steps):
-                _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step + 1, history, settings)
+                if group.main:
+                    _save_checkpoint(checkpoint_dir, model, optimizer, scheduler, step + 1, history, settings)
+                barrier(group)
     finally:
         if progress is not None:
             progress.close()
+    check_same_weights(parameters, group)
     return history
 
 
+def _check_labels(batch) -> None:
+    if "labels" not in batch:
+        raise ValueError("training batches need 'labels' (the answer tokens; -100 elsewhere)")
+
+
+def _shared_step(model, state, parts: list, weight: float, group, device, parameters) -> tuple[float, float, float]:
+    """Forward and backward of this process's micro-batches of one step, and the step's gradient
+    summed over the processes.
+
+    Each part's losses are normalised by the whole step's counts: the language loss is its sum
+    over answer tokens divided by all the step's answer tokens (``num_items_in_batch``), the
+    selection loss its mean over its visual tokens weighted by their share of all the step's
+    visual tokens. The sum over parts and processes is the loss of the whole batch in one
+    forward, so are its gradients. Returns the step's loss, language loss and selection loss.
+    """
+    for part in parts:
+        _check_labels(part)
+    # Labels are shifted inside the loss: the first position of a row never counts.
+    answers = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
+    visuals = [int(state.adapter.visual_mask(model, part["input_ids"]).sum()) for part in parts]
+    totals = sum_across(torch.tensor([sum(answers), sum(visuals)], dtype=torch.float64, device=device), group)
+    all_answers, all_visual = int(totals[0]), int(totals[1])
+    sums = torch.zeros(3, dtype=torch.float64)
+    for part, visual in zip(parts, visuals):
+        share = visual / all_visual if all_visual else 0.0
+        set_selection_loss_weight(model, weight * share)
+        inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in part.items()}
+        outputs = model(**inputs, num_items_in_batch=max(1, all_answers))
+        outputs.loss.backward()
+        losses = state.last_losses
+        sums += torch.tensor([float(outputs.loss.detach()), float(losses.get("language", 0.0)),
+                              float(losses.get("selection", 0.0)) * share], dtype=torch.float64)
+    sums = sum_gradients(parameters, group, sums)
+    if not all_visual:  # no visual token in the whole step: there was no selection to learn
+        sums[2] = float("nan")
+    return float(sums[0]), float(sums[1]), float(sums[2])
+
+
+@contextmanager
+def _checkpointed_layers(model, enabled: bool):
+    """Recompute the language model's decoder layers in the backward pass while the block runs.
+
+    ``transformers`` checkpoints a layer only while the layer is in training mode, and the frozen
+    model trains in eval mode (no dropout): only the layer modules themselves are switched, not
+    their submodules, so nothing else changes. Everything is put back afterwards.
+    """
+    if not enabled:
+        yield
+        return
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    state = get_state(model)
+    text_model = state.adapter.text_model(state.adapter.core(model))
+    if not getattr(text_model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"{type(text_model).__name__} does not support gradient checkpointing")
+    layers = [m for m in text_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    modes = [(layer, layer.training) for layer in layers]
+    already = any(layer.gradient_checkpointing for layer in layers)  # the caller's own setting stays
+    if not already:
+        _call_either(text_model, "activation_checkpointing_enable", "gradient_checkpointing_enable",
+                     {"use_reentrant": False})
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer, training in modes:
+            layer.training = training
+        if not already:
+            _call_either(text_model, "activation_checkpointing_disable", "gradient_checkpointing_disable")
+
+
+def _call_either(module, name: str, older_name: str, *args):
+    """``module.name(*args)``, or the older method of the same meaning where ``name`` does not exist yet."""
+    method = getattr(module, name, None)
+    return (method if method is not None else getattr(module, older_name))(*args)
+
+
 # Settings that do not change what a run computes, so a resumed run may change them.
-_FREE_SETTINGS = ("progress",)
+_FREE_SETTINGS = ("progress", "gradient_checkpointing")
 
 
 def _run_settings(model, config: SelectorTrainingConfig, steps: int, extra: Mapping | None) -> dict:
