@@ -178,6 +178,60 @@ def test_a_checkpoint_of_two_processes_resumes_on_one(workspace, runs, tmp_path)
     assert [h["step"] for h in resumed["history"]] == [1, 2, 3, 4]
 
 
+def test_a_model_sharded_over_two_processes_trains_as_one_process_does(workspace, runs, tmp_path):
+    out = tmp_path / "sharded"
+    # Micro-batches of 1: the first process runs two passes a step, the second one and a filler
+    # (and, in the last batch of each epoch, only a filler).
+    result = torchrun(command_arguments(workspace, out, shard_model=True, micro_batch_size=1))
+    assert result.returncode == 0, result.stderr[-3000:]
+    # Rank 0 reports what it holds: half of the sharded weights (FSDP pads odd sizes up).
+    line = next(line for line in result.stdout.splitlines() if "sharded over 2 processes" in line)
+    held, total = (int(n.replace(",", "")) for n in line.split("holds ")[1].split(" sharded")[0].split(" of its "))
+    assert total > 0 and abs(held - total / 2) <= total * 0.02
+    ranks = [load_file(out / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    assert_close_weights(selector_weights(out), selector_weights(workspace["root"] / "single"))
+
+
+def test_deepspeed_zero3_partitions_the_model_and_trains_as_one_process_does(workspace, runs, tmp_path):
+    pytest.importorskip("deepspeed", reason="the [deepspeed] extra is not installed")
+    config = tmp_path / "ds.json"
+    config.write_text(json.dumps({
+        "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": "auto", "gradient_clipping": "auto",
+        "bf16": {"enabled": "auto"}, "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+        "zero_optimization": {"stage": 3, "stage3_prefetch_bucket_size": "auto", "overlap_comm": False}}))
+    out = tmp_path / "zero3"
+    result = torchrun(command_arguments(workspace, out, deepspeed=str(config)))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "optimizer section is not used" in result.stdout
+    line = next(line for line in result.stdout.splitlines() if "DeepSpeed ZeRO-3 over 2 processes" in line)
+    held, total = (int(n.replace(",", "")) for n in line.split("holds ")[1].split(" weights")[0].split(
+        " of the model's "))
+    assert total > 0 and abs(held - total / 2) <= total * 0.02
+    ranks = [load_file(out / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    assert_close_weights(selector_weights(out), selector_weights(workspace["root"] / "single"))
+
+
+def test_deepspeed_configs_that_disagree_with_the_command_are_refused(workspace, tmp_path):
+    def refused(settings: dict, match: str, **changes):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps(settings))
+        with pytest.raises(ValueError, match=match):
+            single_process(workspace, tmp_path / "out", deepspeed=str(path), **changes)
+
+    refused({"zero_optimization": {"stage": 4}}, "stage must be 0, 1, 2 or 3")
+    refused({"bf16": {"enabled": True}}, "enables bfloat16 but --dtype is float16", dtype="float16")
+    refused({"bf16": {"enabled": True}, "fp16": {"enabled": True}}, "both bf16 and fp16")
+    refused({"train_micro_batch_size_per_gpu": 2}, "--micro-batch-size is 1", micro_batch_size=1)
+    refused({"train_batch_size": 8}, "--batch-size .* is 3")
+    refused({"gradient_clipping": 0.5}, "--max-grad-norm is 1")
+    refused({"zero_optimization": {"stage": 3, "sub_group_size": "auto"}}, "cannot resolve \"auto\"")
+    (tmp_path / "bad.json").write_text("{stage: 3")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        single_process(workspace, tmp_path / "out", deepspeed=str(tmp_path / "bad.json"))
+
+
 def test_micro_batches_add_up_to_the_whole_batch():
     model = make_model()
     whole = [labelled_batch(model, seed=0), labelled_batch(model, seed=1)]
@@ -270,6 +324,8 @@ def test_shares_of_a_batch_cover_it_in_order_whatever_the_number_of_processes(wo
 def test_bad_process_settings_are_refused(workspace, tmp_path, monkeypatch):
     with pytest.raises(ValueError, match="micro_batch_size"):
         ExampleBatches([], None, batch_size=2, micro_batch_size=0)
+    with pytest.raises(ValueError, match="--shard-model splits the model over several processes"):
+        single_process(workspace, tmp_path / "c", shard_model=True)
     with pytest.raises(ValueError, match="dtype must be one of"):
         single_process(workspace, tmp_path / "a", dtype="fp8")
     monkeypatch.setenv("WORLD_SIZE", "2")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import torch
 
 from ..checkpoint import CONFIG_NAME, WEIGHTS_NAME
 from ..training import SelectorTrainingConfig
-from ..training.distributed import join_launched_group, local_device
+from ..training.distributed import join_launched_group, launched_world_size, local_device, shard_language_model
 from .common import MODEL_HELP, check_file, check_output_folder, model_and_processor, parse_dtype, set_threads
 
 __all__ = ["TrainConfig", "run_train"]
@@ -44,6 +45,13 @@ class TrainConfig(SelectorTrainingConfig):
     micro_batch_size: int | None = field(default=None, metadata={
         "help": "examples per forward pass on each process; gradients of a step's micro-batches add up "
                 "(default: each process's whole share of the step)"})
+    shard_model: bool = field(default=False, metadata={
+        "help": "split the frozen language model's weights over the processes (PyTorch FSDP2), for models too "
+                "large for one device; needs torchrun / accelerate launch (the result does not change)"})
+    deepspeed: str | None = field(default=None, metadata={
+        "help": "a DeepSpeed config file (JSON): ZeRO-3 partitions the frozen model's weights over the processes "
+                "(and can offload them); its bf16/fp16, micro-batch, batch and clipping settings must agree with "
+                "these flags. Under accelerate launch, the DeepSpeed config file of its config is used"})
     cache_features: bool = field(default=True, metadata={"help": "encode each image once and train on the cached features"})
     cache_dir: str | None = field(default=None, metadata={"help": "keep cached features here (default: OUT/cache)"})
     save_every: int = field(default=50, metadata={"help": "checkpoint every this many steps"})
@@ -69,6 +77,9 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
     for name, least in (("batch_size", 1), ("save_every", 0)):
         if getattr(config, name) < least:
             raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
+    if (config.shard_model or _accelerate_asks_for_fsdp()) and launched_world_size() == 1:
+        raise ValueError("--shard-model splits the model over several processes; start them with torchrun "
+                         "--nproc_per_node N or accelerate launch")
     if config.micro_batch_size is not None and config.micro_batch_size < 1:
         raise ValueError(f"micro_batch_size must be at least 1 (or unset), got {config.micro_batch_size}")
     if config.steps is not None and config.steps < 1:
@@ -79,11 +90,16 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
         raise ValueError("--resume and --overwrite exclude each other: --resume continues the run in OUT, "
                          "--overwrite starts a new one in its place")
     set_threads(config.threads)
-    dtype = parse_dtype(config.dtype)
+    plan = _deepspeed_plan(config)
+    shard_model = config.shard_model or _accelerate_asks_for_fsdp()
+    if shard_model and plan is not None and plan.partitions_model:
+        raise ValueError("--shard-model and a ZeRO-3 DeepSpeed config both partition the model; choose one")
+    dtype = parse_dtype(plan.dtype if plan is not None and plan.dtype and config.dtype == "auto" else config.dtype)
     device = local_device(config.device)
     group, joined = join_launched_group(device)
     try:
-        return _run(config, training, method_options, model, processor, print_fn, device, dtype, group)
+        return _run(config, training, method_options, model, processor, print_fn, device, dtype, group, plan,
+                    shard_model)
     finally:
         if joined:
             import torch.distributed as dist
@@ -91,8 +107,33 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
             dist.destroy_process_group()
 
 
+def _deepspeed_plan(config: TrainConfig):
+    """The DeepSpeed config of ``--deepspeed``, or of ``accelerate launch``'s config; ``None`` without one."""
+    import os
+
+    from ..training.deepspeed import DeepSpeedPlan
+
+    path = config.deepspeed
+    if path is None and os.environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() in ("1", "true"):
+        path = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if not path:
+            raise ValueError("accelerate launch asks for DeepSpeed but its config names no deepspeed_config_file; "
+                             "name one there, or pass --deepspeed ds.json")
+    if path is None:
+        return None
+    return DeepSpeedPlan.read(path, batch_size=config.batch_size, micro_batch_size=config.micro_batch_size,
+                              dtype=config.dtype, max_grad_norm=config.max_grad_norm)
+
+
+def _accelerate_asks_for_fsdp() -> bool:
+    """Whether ``accelerate launch`` runs this with an FSDP config (it says so in the environment)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
+
+
 def _run(config: TrainConfig, training: SelectorTrainingConfig, method_options: dict, model, processor, print_fn,
-         device, dtype, group) -> dict:
+         device, dtype, group, plan, shard_model: bool) -> dict:
     import visionselector as vs
 
     from ..data.batches import ExampleBatches, FeatureCache, load_examples
@@ -108,22 +149,39 @@ def _run(config: TrainConfig, training: SelectorTrainingConfig, method_options: 
     with main_process_first(group):  # rank 0 may finish a save that was cut off
         _check_previous_run(out, checkpoint, config, training, run_settings)
     examples = load_examples(data, config.limit, image_folder=config.image_folder)
-    model, processor = model_and_processor(config.model, model, processor, device=device, dtype=dtype)
+    say = print_fn if group.main else (lambda *_: None)
+    if plan is not None:
+        for note in plan.notes:
+            say(f"DeepSpeed config {plan.path}: {note}")
+        if model is not None and plan.partitions_model:
+            raise ValueError("a ZeRO-3 DeepSpeed config partitions the model as it loads; give the checkpoint, "
+                             "not a loaded model")
+    with plan.loading() if plan is not None else nullcontext():
+        model, processor = model_and_processor(config.model, model, processor, device=device, dtype=dtype)
+    engine = plan.partition(model) if plan is not None else None  # noqa: F841 (ZeRO-3 lives while it does)
     run_settings.update(_dtype_setting(model))
+    if engine is not None:
+        held, total = _partitioned_counts(model)
+        say(f"DeepSpeed ZeRO-3 over {group.size} processes: this one holds {held:,} of the model's {total:,} "
+            "weights")
+    if shard_model:
+        held, total = shard_language_model(model, group)
+        say(f"language model sharded over {group.size} processes: this one holds {held:,} of its {total:,} "
+            "sharded weights")
     started = time.time()
     cache = None
     if config.cache_features:
         cache = FeatureCache(model, processor, examples, directory=config.cache_dir or out / "cache",
                              progress=config.progress and group.main, group=group)
     batches = ExampleBatches(examples, processor, batch_size=config.batch_size, cache=cache, with_answers=True,
-                             shuffle_seed=config.seed, group=group, micro_batch_size=config.micro_batch_size)
+                             shuffle_seed=config.seed, group=group, micro_batch_size=config.micro_batch_size,
+                             lockstep=shard_model or (plan is not None and plan.partitions_model))
     steps = config.steps or max(1, round(config.epochs * batches.batches_per_epoch()))
     options = {**({} if config.hidden_dim is None else {"hidden_dim": config.hidden_dim}), **method_options}
     if config.overwrite and group.main:
         _remove_previous_run(out, checkpoint)
     barrier(group)
     torch.manual_seed(config.seed)
-    say = print_fn if group.main else (lambda *_: None)
     say(f"training a selector at retention {config.retention:g} on {len(examples)} examples of {data}: "
         f"{steps} steps of {config.batch_size}" + (" (cached visual features)" if cache else "")
         + (f" on {group.size} processes" if group.active else ""))
@@ -182,6 +240,12 @@ def _remove_previous_run(out: Path, checkpoint: Path) -> None:
     remove_checkpoint(checkpoint)
     for name in _RUN_FILES:
         (out / name).unlink(missing_ok=True)
+
+
+def _partitioned_counts(model) -> tuple[int, int]:
+    """Weights this process holds of those ZeRO-3 partitioned, and their total."""
+    parameters = [p for p in model.parameters() if hasattr(p, "ds_numel")]
+    return sum(p.ds_tensor.numel() for p in parameters), sum(p.ds_numel for p in parameters)
 
 
 def _dtype_setting(model) -> dict:

@@ -20,7 +20,7 @@ import torch
 from .conversations import ConversationRecord, read_conversations
 from .encoding import collate, encode_conversation
 
-__all__ = ["load_examples", "load_image", "FeatureCache", "ExampleBatches"]
+__all__ = ["load_examples", "load_image", "FeatureCache", "ExampleBatches", "FillerBatch"]
 
 
 def load_image(path: Path, where: str = ""):
@@ -56,11 +56,15 @@ def _vision_side(model):
 
 def _encoder_fingerprint(model) -> str:
     """A short digest of the vision encoder's weights: cached features are only valid for them."""
+    from ..training.deepspeed import full_parameters
+
     digest = hashlib.sha256()
-    for name, tensor in _vision_side(model)[1].state_dict().items():
-        digest.update(name.encode())
-        digest.update(tensor.detach().float().cpu().flatten()[:: max(1, tensor.numel() // 4096)].numpy().tobytes())
-        digest.update(str(tuple(tensor.shape)).encode())
+    tower = _vision_side(model)[1]
+    with full_parameters(tower):  # weights partitioned by ZeRO-3 are read whole
+        for name, tensor in tower.state_dict().items():
+            digest.update(name.encode())
+            digest.update(tensor.detach().float().cpu().flatten()[:: max(1, tensor.numel() // 4096)].numpy().tobytes())
+            digest.update(str(tuple(tensor.shape)).encode())
     return digest.hexdigest()[:16]
 
 
@@ -198,6 +202,11 @@ class FeatureCache:
         return len(self.features)
 
 
+class FillerBatch(dict):
+    """Model inputs that a process runs only to keep step with the others; they count for nothing
+    (no loss, no gradient, no tokens in the step's counts)."""
+
+
 class ExampleBatches:
     """Model inputs for examples, in batches, in order or shuffled per epoch by a seed.
 
@@ -213,12 +222,17 @@ class ExampleBatches:
     data-parallel run) or ``micro_batch_size``, iterating yields instead, per step, a list of
     this process's micro-batches: its contiguous share of the step's examples, cut into
     batches of at most ``micro_batch_size`` (an empty list when the share is empty). The
-    steps' examples are the same whatever the number of processes.
+    steps' examples are the same whatever the number of processes. With ``lockstep`` every
+    process gets the same number of micro-batches in every step, which a model sharded over
+    the processes needs (each pass gathers weights from all of them): a process with fewer
+    real ones gets :class:`FillerBatch` copies of the step's first example, which count for
+    nothing.
     """
 
     def __init__(self, examples: list[ConversationRecord], processor, *, batch_size: int,
                  cache: FeatureCache | None = None, with_answers: bool = False, shuffle_seed: int | None = None,
-                 pixels: bool = False, group=None, micro_batch_size: int | None = None) -> None:
+                 pixels: bool = False, group=None, micro_batch_size: int | None = None,
+                 lockstep: bool = False) -> None:
         self.adapter = cache.adapter if cache is not None else None
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -226,7 +240,7 @@ class ExampleBatches:
                                              or micro_batch_size < 1):
             raise ValueError(f"micro_batch_size must be None (a process's whole share) or an integer of at least 1, "
                              f"got {micro_batch_size!r}")
-        self.group, self.micro_batch_size = group, micro_batch_size
+        self.group, self.micro_batch_size, self.lockstep = group, micro_batch_size, lockstep
         if cache is not None and cache.examples is not examples and len(cache) != len(examples):
             raise ValueError(f"the feature cache holds {len(cache)} examples, the batches {len(examples)}")
         self.examples, self.processor, self.batch_size = examples, processor, batch_size
@@ -301,9 +315,16 @@ class ExampleBatches:
         """This process's micro-batches of the ``step``-th batch."""
         from ..training.distributed import ProcessGroup, share
 
-        mine = share(self.indices(step), self.group or ProcessGroup())
-        size = self.micro_batch_size or max(1, len(mine))
-        return [self.batch(mine[first:first + size]) for first in range(0, len(mine), size)]
+        group = self.group or ProcessGroup()
+        everyone = self.indices(step)
+        mine = share(everyone, group)
+        if not self.lockstep:
+            size = self.micro_batch_size or max(1, len(mine))
+            return [self.batch(mine[first:first + size]) for first in range(0, len(mine), size)]
+        largest = -(-len(everyone) // group.size)  # the first process's share is the largest
+        size = self.micro_batch_size or largest
+        parts = [self.batch(mine[first:first + size]) for first in range(0, len(mine), size)]
+        return parts + [FillerBatch(self.batch(everyone[:1])) for _ in range(-(-largest // size) - len(parts))]
 
     def __iter__(self):
         step, self.start = self.start, 0

@@ -348,6 +348,12 @@ def _train(model, batches, steps: int, config: SelectorTrainingConfig, log_every
     return history
 
 
+def _is_filler(batch) -> bool:
+    from ..data.batches import FillerBatch
+
+    return isinstance(batch, FillerBatch)
+
+
 def _check_labels(batch) -> None:
     if "labels" not in batch:
         raise ValueError("training batches need 'labels' (the answer tokens; -100 elsewhere)")
@@ -365,17 +371,24 @@ def _shared_step(model, state, parts: list, weight: float, group, device, parame
     """
     for part in parts:
         _check_labels(part)
+    # A filler part (a process keeping step with the others) counts for nothing.
+    real = [not _is_filler(part) for part in parts]
     # Labels are shifted inside the loss: the first position of a row never counts.
-    answers = [int((part["labels"][:, 1:] != -100).sum()) for part in parts]
-    visuals = [int(state.adapter.visual_mask(model, part["input_ids"]).sum()) for part in parts]
+    answers = [int((part["labels"][:, 1:] != -100).sum()) * keep for part, keep in zip(parts, real)]
+    visuals = [int(state.adapter.visual_mask(model, part["input_ids"]).sum()) * keep
+               for part, keep in zip(parts, real)]
     totals = sum_across(torch.tensor([sum(answers), sum(visuals)], dtype=torch.float64, device=device), group)
     all_answers, all_visual = int(totals[0]), int(totals[1])
     sums = torch.zeros(3, dtype=torch.float64)
-    for part, visual in zip(parts, visuals):
+    for part, visual, keep in zip(parts, visuals, real):
         share = visual / all_visual if all_visual else 0.0
         set_selection_loss_weight(model, weight * share)
         inputs = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in part.items()}
         outputs = model(**inputs, num_items_in_batch=max(1, all_answers))
+        if not keep:
+            # The pass still runs backward (a sharded model gathers weights in it), with no effect.
+            (outputs.loss * 0.0).backward()
+            continue
         outputs.loss.backward()
         losses = state.last_losses
         sums += torch.tensor([float(outputs.loss.detach()), float(losses.get("language", 0.0)),

@@ -22,7 +22,7 @@ import torch
 
 __all__ = ["ProcessGroup", "current_group", "join_launched_group", "launched_world_size", "local_device",
            "share", "sum_across", "sum_gradients", "broadcast_parameters", "barrier", "main_process_first",
-           "check_same_weights"]
+           "check_same_weights", "shard_language_model"]
 
 
 @dataclass(frozen=True)
@@ -179,3 +179,37 @@ def check_same_weights(parameters: list[torch.Tensor], group: ProcessGroup) -> N
     if not torch.equal(high, low):
         raise RuntimeError("the processes hold different scorer weights after training; every process must "
                            "run the same code, data and settings")
+
+
+def shard_language_model(model, group: ProcessGroup) -> tuple[int, int]:
+    """Shard the frozen language model's weights over the processes (PyTorch FSDP2), in place.
+
+    Each decoder layer, and the input and output embeddings unless they share their weight, is
+    split across the processes and gathered only while it runs, forward and backward; the
+    scorer, the vision side and the rest stay whole on every process. The model stays sharded.
+    Every process must then run the same number of forward and backward passes per step
+    (:class:`~visionselector.data.batches.ExampleBatches` with ``lockstep=True`` sees to that).
+
+    Returns ``(parameters this process holds, parameters sharded)`` of the sharded modules.
+    """
+    from torch.distributed.fsdp import fully_shard
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    from ..adapters import find_adapter
+
+    if not group.active:
+        raise ValueError("sharding the model needs several processes: start them with torchrun or accelerate launch")
+    adapter = find_adapter(model)
+    text_model = adapter.text_model(adapter.core(model))
+    modules = [m for m in text_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not modules:
+        raise ValueError(f"{type(text_model).__name__} has no decoder layers to shard")
+    inputs, outputs = model.get_input_embeddings(), model.get_output_embeddings()
+    if outputs is None or outputs.weight is not inputs.weight:  # a tied pair stays whole rather than split twice
+        modules += [m for m in (inputs, outputs) if m is not None]
+    total = sum(p.numel() for m in modules for p in m.parameters())
+    for module in modules:
+        fully_shard(module)
+    held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel()
+               for m in modules for p in m.parameters())
+    return held, total
