@@ -232,6 +232,26 @@ def test_deepspeed_configs_that_disagree_with_the_command_are_refused(workspace,
         single_process(workspace, tmp_path / "out", deepspeed=str(tmp_path / "bad.json"))
 
 
+def test_accelerate_launch_with_fsdp_shards_the_model_and_trains_as_one_process_does(workspace, runs, tmp_path):
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = tmp_path / "accelerate"
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(WORKER.parent)}
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--use_fsdp", "--num_processes", "2",
+                "--num_machines", "1", "--main_process_port", str(port), "--mixed_precision", "no",
+                "--dynamo_backend", "no"]
+    result = subprocess.run(launcher + [str(WORKER)] + command_arguments(workspace, out), env=environment,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "language model sharded over 2 processes" in result.stdout
+    ranks = [load_file(out / f"rank{rank}.safetensors") for rank in (0, 1)]
+    assert all(torch.equal(ranks[0][name], ranks[1][name]) for name in ranks[0])
+    assert_close_weights(selector_weights(out), selector_weights(workspace["root"] / "single"))
+
+
 def test_micro_batches_add_up_to_the_whole_batch():
     model = make_model()
     whole = [labelled_batch(model, seed=0), labelled_batch(model, seed=1)]
