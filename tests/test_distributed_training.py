@@ -353,3 +353,27 @@ def test_bad_process_settings_are_refused(workspace, tmp_path, monkeypatch):
         monkeypatch.delenv(name, raising=False)
     with pytest.raises(ValueError, match="RANK is not set"):
         single_process(workspace, tmp_path / "b")
+
+
+def test_max_pixels_caps_the_images_of_qwen_processors_and_is_refused_elsewhere(workspace, tmp_path):
+    from visionselector.models import cap_image_pixels
+
+    _, processor = load_model(workspace["checkpoint"])
+    image = Image.fromarray(np.zeros((448, 448, 3), dtype=np.uint8))
+    full = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    patch = processor.image_processor.patch_size
+    cap_image_pixels(processor, 3136)
+    capped = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"]
+    # The tiny checkpoint's own cap is 112 x 112 (8 x 8 patches of 14); the new one 56 x 56.
+    assert full.tolist() == [[1, 8, 8]] and capped.tolist() == [[1, 4, 4]] and 16 * patch * patch <= 3136
+
+    class FixedSize:  # a processor that resizes to a fixed edge, as CLIP's does
+        image_processor = type("CLIPImageProcessor", (), {"size": {"shortest_edge": 336}})()
+
+    with pytest.raises(ValueError, match="does not size images by their number of pixels"):
+        cap_image_pixels(FixedSize(), 50176)
+    with pytest.raises(ValueError, match="positive integer"):
+        cap_image_pixels(processor, 0)
+    result = single_process(workspace, tmp_path / "capped", steps=1, max_pixels=3136)
+    log = json.loads((tmp_path / "capped" / "training_log.json").read_text())
+    assert log["config"]["max_pixels"] == 3136 and len(result["history"]) == 1

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 __all__ = ["SUPPORTED_MODEL_TYPES", "load_model", "load_processor", "supports_video", "greedy_settings",
-           "REFERENCE_MODEL"]
+           "cap_image_pixels", "REFERENCE_MODEL"]
 
 
 
@@ -170,6 +170,30 @@ def load_model(source: str | os.PathLike = REFERENCE_MODEL, *, dtype: torch.dtyp
     if device is not None:
         model.to(device)
     return model.eval(), (load_processor(folder) if processor else None)
+
+
+def cap_image_pixels(processor, max_pixels: int) -> None:
+    """Resize images to at most ``max_pixels`` pixels (aspect kept) before encoding, in place.
+
+    Only for image processors that size images by their pixel count (the Qwen families:
+    ``size`` has ``shortest_edge`` and ``longest_edge`` as pixel counts); others are refused.
+    A smaller floor (``shortest_edge``) comes down with the cap.
+    """
+    if isinstance(max_pixels, bool) or not isinstance(max_pixels, int) or max_pixels < 1:
+        raise ValueError(f"max_pixels must be a positive integer, got {max_pixels!r}")
+    image_processor = processor.image_processor
+    size = getattr(image_processor, "size", None)
+    shortest = _size_entry(size, "shortest_edge")
+    if shortest is None or _size_entry(size, "longest_edge") is None:
+        raise ValueError(f"{type(image_processor).__name__} does not size images by their number of pixels, so "
+                         "max_pixels cannot cap them (it applies to the Qwen families' image processors)")
+    image_processor.size = {"shortest_edge": min(int(shortest), max_pixels), "longest_edge": max_pixels}
+
+
+def _size_entry(size, name: str):
+    if size is None:
+        return None
+    return size.get(name) if isinstance(size, dict) else getattr(size, name, None)
 
 
 def greedy_settings(model, processor, max_new_tokens: int) -> dict:

@@ -29,6 +29,9 @@ class TrainConfig(SelectorTrainingConfig):
     data: str = field(default="", metadata={"help": "training conversations (LLaVA / Cambrian JSONL)"})
     image_folder: str | None = field(default=None, metadata={
         "help": "folder that relative image and video paths start from (default: the JSONL file's folder)"})
+    max_pixels: int | None = field(default=None, metadata={
+        "help": "resize images to at most this many pixels before encoding (Qwen families; the paper trains at "
+                "50176, 224 x 224); default: the checkpoint's processor settings"})
     out: str = field(default="selector", metadata={"help": "output directory of the selector"})
     model: str = field(default="reference", metadata={"help": MODEL_HELP})
     device: str = field(default="auto", metadata={
@@ -160,6 +163,10 @@ def _run(config: TrainConfig, training: SelectorTrainingConfig, method_options: 
         model, processor = model_and_processor(config.model, model, processor, device=device, dtype=dtype)
     engine = plan.partition(model) if plan is not None else None  # noqa: F841 (ZeRO-3 lives while it does)
     run_settings.update(_dtype_setting(model))
+    if config.max_pixels is not None:
+        from ..models import cap_image_pixels
+
+        cap_image_pixels(processor, config.max_pixels)
     if engine is not None:
         held, total = _partitioned_counts(model)
         say(f"DeepSpeed ZeRO-3 over {group.size} processes: this one holds {held:,} of the model's {total:,} "
@@ -267,7 +274,9 @@ def _data_settings(config: TrainConfig, data: Path) -> dict:
     image_folder = None if config.image_folder is None else str(Path(config.image_folder).resolve())
     return {"data": str(data.resolve()), "data_sha256": _file_sha256(data), "limit": config.limit,
             "image_folder": image_folder, "batch_size": config.batch_size, "seed": config.seed,
-            "model": model, "cache_features": config.cache_features}
+            "model": model, "cache_features": config.cache_features,
+            # unset leaves no entry, as before images could be capped, so such checkpoints still resume
+            **({} if config.max_pixels is None else {"max_pixels": config.max_pixels})}
 
 
 def _file_sha256(path: Path) -> str:
