@@ -2,11 +2,12 @@
 
 Arguments are the command's. Each process also writes the scorer weights it ends with to
 ``OUT/rank{R}.safetensors``, so a test can compare the processes. With
-``VS_TEST_STOP_AT_STEP=N`` every process stops, like a killed run, when step N (1-based) is
-about to begin.
+``VS_TEST_STOP_AT_STEP=N`` every process kills itself (SIGKILL: nothing after it runs) when
+step N (1-based) is about to begin.
 """
 
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,7 +34,7 @@ if stop_at:
 
     def stopping_weight(self, step):
         if step + 1 == stop_at:
-            raise KeyboardInterrupt(f"stopped before step {stop_at}")
+            os.kill(os.getpid(), signal.SIGKILL)
         return weight(self, step)
 
     training.CurriculumSchedule.weight = stopping_weight

@@ -110,13 +110,14 @@ def assert_close_weights(a: dict, b: dict, tolerance=1e-5):
 
 @pytest.fixture(scope="module")
 def runs(workspace):
-    """One process; two processes; two processes stopped before step 3 and resumed on two."""
+    """One process; two processes; two processes killed before step 3 and resumed on two."""
     root = workspace["root"]
     single = single_process(workspace, root / "single")
     double = torchrun(command_arguments(workspace, root / "double"))
     assert double.returncode == 0, double.stderr[-3000:]
     stopped = torchrun(command_arguments(workspace, root / "stopped"), stop_at_step=3)
-    assert stopped.returncode != 0 and "stopped before step 3" in stopped.stderr, stopped.stderr[-3000:]
+    assert stopped.returncode != 0 and "SIGKILL" in stopped.stderr, stopped.stderr[-3000:]
+    assert torch.load(root / "stopped" / "checkpoint" / "trainer_state.pt", weights_only=True)["step"] == 2
     resumed = torchrun(command_arguments(workspace, root / "stopped", resume=True), module=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     return {"single": single, "double": double, "resumed": resumed}
@@ -156,7 +157,7 @@ def test_the_feature_cache_is_encoded_once_across_processes_and_equals_one_proce
         assert one.keys() == two.keys() and all(torch.equal(one[k], two[k]) for k in one)
 
 
-def test_a_stopped_run_resumed_under_torchrun_ends_where_the_uninterrupted_one_does(workspace, runs):
+def test_a_killed_run_resumed_under_torchrun_ends_where_the_uninterrupted_one_does(workspace, runs):
     root = workspace["root"]
     resumed, straight = selector_weights(root / "stopped"), selector_weights(root / "double")
     assert resumed.keys() == straight.keys() and all(torch.equal(resumed[k], straight[k]) for k in resumed)

@@ -169,6 +169,46 @@ def test_images_added_in_a_later_turn_compete_for_their_own_budget(family, metho
 
 
 @pytest.mark.parametrize("family", [pytest.param(f, id=n) for n, f in sorted(FAMILIES.items())])
+def test_tokens_after_a_later_turn_that_brings_the_first_images_are_numbered_as_unpruned(family):
+    # A text-only first turn leaves a cache with nothing pruned: the later turn's images are the
+    # first ones pruned, and the tokens after that turn still count every token of both turns.
+    from transformers import DynamicCache
+
+    model = _model(family)
+    _attach(model, "uniform", 0.3)
+    first, later = family.batch([()]), family.batch([(0,)], seed=5)
+    step = family.batch([()], seed=9)["input_ids"][:, -1:]
+    pixels = {k: v for k, v in later.items() if k not in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        prompt = model(**first, use_cache=True)
+        turn = model(input_ids=later["input_ids"], past_key_values=prompt.past_key_values, use_cache=True, **pixels)
+        kept = vs.last_selection(model)[0]
+        logits = model(input_ids=step, past_key_values=turn.past_key_values, use_cache=True).logits[:, -1]
+        # The definition: the unpruned model's own inputs to its text model for the three calls,
+        # restricted to the text and the kept visual tokens, run on a cache of those tokens only. The
+        # same weights, freshly built: Qwen models keep rope deltas from their last call.
+        reference = _model(family)
+        full_prompt, full = _text_model_inputs(reference, first)
+        full_turn, full = _text_model_inputs(reference, dict(input_ids=later["input_ids"],
+                                                             past_key_values=full.past_key_values, **pixels))
+        full_step, _ = _text_model_inputs(reference, dict(input_ids=step, past_key_values=full.past_key_values))
+        first_length, later_length = first["input_ids"].shape[1], later["input_ids"].shape[1]
+        keep_turn = _kept_tokens(later["input_ids"], family.placeholder_ids, kept)
+        cached = first_length + int(keep_turn.sum())
+        cache = DynamicCache(config=model.config)
+        text_model = reference.model.language_model
+        text_model(**_restricted(full_prompt, torch.ones(first_length, dtype=torch.bool)), past_key_values=cache,
+                   use_cache=True, attention_mask=torch.ones(1, first_length, dtype=torch.long))
+        text_model(**_restricted(full_turn, keep_turn, first_length), past_key_values=cache, use_cache=True,
+                   attention_mask=torch.ones(1, cached, dtype=torch.long))
+        hidden = text_model(**_restricted(full_step, torch.ones(1, dtype=torch.bool), first_length + later_length),
+                            past_key_values=cache, use_cache=True,
+                            attention_mask=torch.ones(1, cached + 1, dtype=torch.long))
+        expected = reference.lm_head(hidden.last_hidden_state[:, -1])
+    torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", [pytest.param(f, id=n) for n, f in sorted(FAMILIES.items())])
 def test_a_batch_adding_images_in_a_later_turn_equals_each_conversation_alone(family):
     from visionselector.adapters import ADAPTERS
     from visionselector.adapters.positions import LinearPositions
