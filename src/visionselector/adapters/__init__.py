@@ -39,10 +39,11 @@ def find_adapter(model) -> type[ModelAdapter]:
     return adapter
 
 
-# Families people ask for that transformers does not have yet, listed so the matrix says so.
-NOT_IN_TRANSFORMERS = {
-    "LLaVA-OneVision-1.5": "the paper's second model; its classes are not in transformers 5.24, so it cannot be "
-                           "loaded through the Auto classes yet",
+# Families people ask for that have no adapter yet, listed so the matrix says so.
+WITHOUT_ADAPTER = {
+    "LLaVA-OneVision-1.5": "the paper's second model; transformers has its classes (model_type `llava_onevision1_5`) "
+                           "only from 5.25, and there is no adapter for it yet, so attaching a method to it fails "
+                           "with the list of supported classes",
 }
 
 
@@ -66,10 +67,10 @@ def support_matrix() -> str:
                 cells.append(f"no ({number})")
         classes = ", ".join(f"`{c}`" for c in adapter.class_names)
         lines.append(f"| `{name}` | {classes} | " + " | ".join(cells) + " |")
-    for model, why in NOT_IN_TRANSFORMERS.items():
-        lines.append(f"| {model} | not in transformers | " + " | ".join("-" for _ in methods) + " |")
+    for model in WITHOUT_ADAPTER:
+        lines.append(f"| {model} | no adapter | " + " | ".join("-" for _ in methods) + " |")
     lines.append("")
     lines += [f"- ({number}) {reason}." for reason, number in reasons.items()]
-    for model, why in NOT_IN_TRANSFORMERS.items():
+    for model, why in WITHOUT_ADAPTER.items():
         lines.append(f"- {model}: {why}.")
     return "\n".join(lines)

@@ -302,6 +302,16 @@ def cache_keyword(function) -> str:
     return "cache" if "cache" in inspect.signature(function).parameters else "past_key_values"
 
 
+def cache_length(cache) -> int:
+    """How many tokens ``cache`` holds (layer 0's count), as a plain number.
+
+    From transformers 5.25 a hybrid cache whose first layer is linear attention (Qwen3.5)
+    answers with its running token counter, a tensor that the next forward advances in
+    place: a length read before a forward would silently grow with it.
+    """
+    return int(cache.get_seq_length()) if cache is not None else 0
+
+
 def given_cache(kwargs: dict):
     """The cache a call was given, under either name; ``None`` if none."""
     return next((kwargs[name] for name in CACHE_NAMES if kwargs.get(name) is not None), None)
@@ -334,7 +344,7 @@ def pruned_prompt(cache) -> PrefillMemory | None:
     memory = getattr(cache, CACHE_ATTRIBUTE, None) if cache is not None else None
     if memory is None:
         return None
-    past_length = cache.get_seq_length()
+    past_length = cache_length(cache)
     if past_length == 0:
         return None
     base = memory.compact_length if memory.first_pruned_layer == 0 else memory.full_length

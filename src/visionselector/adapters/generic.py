@@ -37,6 +37,7 @@ from .base import (
     SoftSelection,
     CACHE_NAMES,
     cache_keyword,
+    cache_length,
     decode_attention_mask,
     forget_prefill,
     gather_prompt,
@@ -222,7 +223,7 @@ class ModelAdapter:
             if input_ids is not None:
                 cls.check_inputs(model, input_ids, kwargs)
             cache = given_cache(kwargs)
-            if cache is None or cache.get_seq_length() == 0:
+            if cache_length(cache) == 0:
                 state.last = None  # a new sequence: no earlier call's record may describe it
             memory = pruned_prompt(cache)
             if memory is not None:
@@ -230,7 +231,7 @@ class ModelAdapter:
                     tokens = kwargs.get("inputs_embeds")
                     # Only the shape [B, q, ...] and device of the embeddings are read.
                     tokens = tokens if tokens is not None else input_ids[..., None]
-                    uncompressed = memory.uncompressed(cache.get_seq_length())
+                    uncompressed = memory.uncompressed(cache_length(cache))
                     positions = cls.decoding_positions(core, input_ids, tokens, kwargs, uncompressed)
                     if positions is not None:
                         kwargs["position_ids"] = positions[..., -tokens.shape[1]:]
@@ -268,7 +269,7 @@ class ModelAdapter:
                                     **{text_cache: past_key_values, **kwargs, **extra})
 
             token_ids = state.current_input_ids
-            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            past_length = cache_length(past_key_values)
             aligned = token_ids is not None and inputs_embeds is not None and token_ids.shape == inputs_embeds.shape[:2]
             if past_length > 0 and aligned and any(_given(state.current_inputs.get(name)) for name in cls.visual_inputs):
                 visual_mask = cls.visual_mask(model, token_ids)
@@ -363,7 +364,7 @@ class ModelAdapter:
                 raise NotImplementedError("soft selection (training) needs the images in the first forward of a "
                                           "cache; call model.eval() for hard selection")
             check_mask(attention_mask)
-            past_length = cache.get_seq_length()
+            past_length = cache_length(cache)
             memory = pruned_prompt(cache)
             batch, length = token_ids.shape
             device = inputs_embeds.device
@@ -442,7 +443,7 @@ def install_generation_hooks(model, state: AttachedState) -> None:
         if memory is not None and is_first_iteration and next_sequence_length is not None:
             embeds = kwargs.get("inputs_embeds")
             total = (embeds if embeds is not None else input_ids).shape[1]
-            stored = cache.get_seq_length()
+            stored = cache_length(cache)
             if next_sequence_length == total - stored:
                 next_sequence_length = total - memory.uncompressed(stored)
         return prepare(input_ids, *args, next_sequence_length=next_sequence_length,
@@ -476,7 +477,7 @@ def install_generation_hooks(model, state: AttachedState) -> None:
         cache = given_cache(model_kwargs)
         memory = pruned_prompt(cache)
         if memory is not None:
-            stand_in = UncompressedLength(memory.uncompressed(cache.get_seq_length()))
+            stand_in = UncompressedLength(memory.uncompressed(cache_length(cache)))
             model_kwargs = {**model_kwargs, **{name: stand_in for name in CACHE_NAMES if name in model_kwargs}}
         return positions(inputs_tensor, model_kwargs)
 
