@@ -101,6 +101,10 @@ class AttachedState:
     mode: str = "auto"
     selection_loss_weight: float = 1.0
     training_retention: float | None = None
+    # "soft": in training every visual token reaches the model scaled by its soft mask (the paper's);
+    # "hard": only the top-k do, as at inference, and the gradient reaches the scores through the
+    # soft mask of the kept ones (straight-through)
+    training_forward: str = "soft"
     last: SelectionRecord | None = None
     call_record: SelectionRecord | None = None
     last_losses: dict = field(default_factory=dict)
@@ -174,6 +178,8 @@ def kept_indices(keep_visual: torch.Tensor, valid: torch.Tensor) -> list[torch.T
 class SoftSelection:
     scale: torch.Tensor  # [B, L] multiplier of each token's embedding (1 for text)
     record: SelectionRecord
+    # [B, L] True at visual tokens the forward leaves out of attention (training_forward="hard"), or None
+    dropped: torch.Tensor | None = None
 
 
 @dataclass
@@ -241,12 +247,19 @@ def select_tokens(
             )
         else:
             selection_loss = soft.sum() * 0.0
-        scale = scatter_to_sequence(soft.to(inputs_embeds.dtype), visual, inputs_embeds.shape[1], 1.0)
-        # Every visual token reaches the model in soft mode, scaled by its mask value.
+        dropped = None
+        if state.training_forward == "hard":
+            # The forward sees exactly the hard selection; the gradient is the soft mask's.
+            values = hard.to(soft.dtype) + soft - soft.detach()
+            gone = visual.valid & ~hard.bool()
+            dropped = scatter_to_sequence(gone.to(torch.float32), visual, inputs_embeds.shape[1], 0.0).bool()
+        else:
+            values = soft  # every visual token reaches the model, scaled by its mask value
+        scale = scatter_to_sequence(values.to(inputs_embeds.dtype), visual, inputs_embeds.shape[1], 1.0)
         record = SelectionRecord(kept_indices(visual.valid, visual.valid), counts, mode, soft_mask=soft,
                                  selection_loss=selection_loss)
         state.last = record
-        return SoftSelection(scale, record)
+        return SoftSelection(scale, record, dropped)
     chosen, keep_visual, compaction, record = choose(state, tokens, visual, budget, visual_mask, token_valid,
                                                      pad_left=pad_left, mode=mode)
     embeds = inputs_embeds

@@ -337,7 +337,11 @@ class ModelAdapter:
                 return call(attention_mask, position_ids, inputs_embeds)
             if isinstance(selection, SoftSelection):
                 extras = cls.scale_extras(kwargs, selection.scale, visual_mask)
-                return call(attention_mask, position_ids, inputs_embeds * selection.scale.unsqueeze(-1), **extras)
+                mask = attention_mask
+                if selection.dropped is not None:  # dropped tokens stay in place, but nothing attends to them
+                    mask = (token_valid & ~selection.dropped).to(attention_mask.dtype if attention_mask is not None
+                                                                  else torch.long)
+                return call(mask, position_ids, inputs_embeds * selection.scale.unsqueeze(-1), **extras)
 
             assert isinstance(selection, HardSelection)
             compaction = selection.compaction

@@ -80,6 +80,10 @@ class SelectorTrainingConfig:
     lambda_end: float = field(default=2.0, metadata={"help": "selection-loss weight at the end"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient clipping norm (0 disables)"})
     hidden_dim: int | None = field(default=None, metadata={"help": "scorer width h; default: hidden size // 2"})
+    training_forward: str = field(default="soft", metadata={
+        "help": "soft: every visual token reaches the frozen model scaled by its soft mask (the paper's); hard: only "
+                "the top-k tokens do, as at inference, and the gradient reaches the scores through the soft mask "
+                "(straight-through)"})
     gradient_checkpointing: bool = field(default=False, metadata={
         "help": "recompute the frozen language model's layers in the backward pass instead of keeping their "
                 "activations (less memory, about a third more time; the same result)"})
@@ -106,6 +110,9 @@ class SelectorTrainingConfig:
         if not _is_number(self.warmup_ratio) or not 0.0 <= self.warmup_ratio <= 1.0:
             raise ValueError(f"warmup_ratio must be a number in [0, 1] (the fraction of steps that warm up), "
                              f"got {self.warmup_ratio!r}")
+        if self.training_forward not in ("soft", "hard"):
+            raise ValueError(f"training_forward must be 'soft' (the paper's) or 'hard' (straight-through), "
+                             f"got {self.training_forward!r}")
         if self.hidden_dim is not None and (not isinstance(self.hidden_dim, int) or isinstance(self.hidden_dim, bool)
                                             or self.hidden_dim < 1):
             raise ValueError(f"hidden_dim must be None (hidden size // 2) or an integer of at least 1, "
@@ -217,6 +224,7 @@ def train_selector(model, batches: Iterable[Mapping[str, torch.Tensor]], *, step
                 saved = _read_checkpoint(checkpoint_dir, settings)
         state.retention = config.retention
         state.training_retention = config.retention
+        state.training_forward = config.training_forward
         freeze_for_selector_training(model)
         started = True
         with _checkpointed_layers(model, config.gradient_checkpointing):
@@ -265,7 +273,8 @@ def _remember_user_state(model):
     gradients = [(parameter, parameter.requires_grad) for parameter in model.parameters()]
     modes = [(module, module.training) for module in model.modules()]
     state = get_state(model) if is_attached(model) else None
-    values = None if state is None else (state.retention, state.training_retention, state.selection_loss_weight)
+    values = None if state is None else (state.retention, state.training_retention, state.selection_loss_weight,
+                                         state.training_forward)
 
     def restore() -> None:
         for parameter, requires_grad in gradients:
@@ -273,7 +282,7 @@ def _remember_user_state(model):
         for module, training in modes:
             module.training = training
         if state is not None:
-            state.retention, state.training_retention, state.selection_loss_weight = values
+            state.retention, state.training_retention, state.selection_loss_weight, state.training_forward = values
 
     return restore
 
@@ -454,6 +463,8 @@ def _run_settings(model, config: SelectorTrainingConfig, steps: int, extra: Mapp
 def _settings(config: SelectorTrainingConfig, extra: Mapping | None, **own) -> dict:
     settings = {f.name: getattr(config, f.name) for f in fields(SelectorTrainingConfig)
                 if f.name not in _FREE_SETTINGS and f.name != "hidden_dim"}
+    if settings.get("training_forward") == "soft":
+        del settings["training_forward"]  # the paper's: no entry, as before it could be chosen, so such runs resume
     settings.update(own)
     extra = dict(extra or {})
     clash = sorted(set(extra) & set(settings))
