@@ -80,7 +80,8 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
     for name, least in (("batch_size", 1), ("save_every", 0)):
         if getattr(config, name) < least:
             raise ValueError(f"{name} must be at least {least}, got {getattr(config, name)}")
-    if (config.shard_model or _accelerate_asks_for_fsdp()) and launched_world_size() == 1:
+    shard_model = config.shard_model or _accelerate_asks_for_fsdp()
+    if shard_model and launched_world_size() == 1:
         raise ValueError("--shard-model splits the model over several processes; start them with torchrun "
                          "--nproc_per_node N or accelerate launch")
     if config.micro_batch_size is not None and config.micro_batch_size < 1:
@@ -94,7 +95,6 @@ def run_train(config: TrainConfig, *, model=None, processor=None, print_fn=print
                          "--overwrite starts a new one in its place")
     set_threads(config.threads)
     plan = _deepspeed_plan(config)
-    shard_model = config.shard_model or _accelerate_asks_for_fsdp()
     if shard_model and plan is not None and plan.partitions_model:
         raise ValueError("--shard-model and a ZeRO-3 DeepSpeed config both partition the model; choose one")
     dtype = parse_dtype(plan.dtype if plan is not None and plan.dtype and config.dtype == "auto" else config.dtype)
@@ -161,7 +161,7 @@ def _run(config: TrainConfig, training: SelectorTrainingConfig, method_options: 
                              "not a loaded model")
     with plan.loading() if plan is not None else nullcontext():
         model, processor = model_and_processor(config.model, model, processor, device=device, dtype=dtype)
-    engine = plan.partition(model) if plan is not None else None  # noqa: F841 (ZeRO-3 lives while it does)
+    engine = plan.partition(model) if plan is not None else None  # ZeRO-3 lives as long as its engine
     run_settings.update(_dtype_setting(model))
     if config.max_pixels is not None:
         from ..models import cap_image_pixels

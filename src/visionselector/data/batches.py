@@ -112,7 +112,6 @@ class FeatureCache:
             raise ValueError("a feature cache shared by several processes needs a directory they all read")
         if self._load(path, key):
             return
-        barrier(group)  # nobody may find the file from here on unless everybody did
         adapter = _vision_side(model)[0]
         jobs = [(i, image) for i, e in enumerate(examples) if not e.videos
                 and (adapter.images_encode_alone or len(e.images) <= 1) for image in e.images]
@@ -318,12 +317,11 @@ class ExampleBatches:
         group = self.group or ProcessGroup()
         everyone = self.indices(step)
         mine = share(everyone, group)
-        if not self.lockstep:
-            size = self.micro_batch_size or max(1, len(mine))
-            return [self.batch(mine[first:first + size]) for first in range(0, len(mine), size)]
         largest = -(-len(everyone) // group.size)  # the first process's share is the largest
-        size = self.micro_batch_size or largest
+        size = self.micro_batch_size or max(1, largest)
         parts = [self.batch(mine[first:first + size]) for first in range(0, len(mine), size)]
+        if not self.lockstep:
+            return parts
         return parts + [FillerBatch(self.batch(everyone[:1])) for _ in range(-(-largest // size) - len(parts))]
 
     def __iter__(self):

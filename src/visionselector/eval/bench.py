@@ -74,16 +74,12 @@ class Variant:
 
 
 def _resolve(config: BenchConfig):
-    from ..commands.common import parse_device
+    from ..commands.common import parse_device, parse_dtype
 
     device = parse_device(config.device)
-    names = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if config.dtype == "auto":
+    dtype = parse_dtype(config.dtype)
+    if dtype == "auto":
         dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    elif config.dtype in names:
-        dtype = names[config.dtype]
-    else:
-        raise ValueError(f"dtype must be one of auto, {', '.join(names)}; got {config.dtype!r}")
     return device, dtype
 
 

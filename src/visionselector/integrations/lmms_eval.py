@@ -44,7 +44,7 @@ except ImportError as error:  # pragma: no cover - the module is only imported w
                       "\"visionselector[lmms-eval]\"") from error
 
 import visionselector as vs
-from visionselector.commands.common import DTYPES
+from visionselector.commands.common import parse_dtype
 
 __all__ = ["MODEL_NAME", "NO_PRUNING", "PLUGIN_ARGUMENTS", "TokensKept", "VisionSelectorLMM", "model_manifest"]
 
@@ -158,10 +158,9 @@ class VisionSelectorLMM(lmms):
         self._batch_size = _whole_number("batch_size", batch_size)
         self.default_max_new_tokens = _whole_number("max_new_tokens", max_new_tokens)
         self._device = _checked_device(device)
-        if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+        dtype = parse_dtype(dtype)
         _refuse_data_parallel()
-        model, processor = vs.load_model(str(pretrained), dtype=DTYPES[dtype], device=self._device,
+        model, processor = vs.load_model(str(pretrained), dtype=dtype, device=self._device,
                                          attn_implementation=attn_implementation)
         if self.method != NO_PRUNING:
             vs.attach(model, method=self.method, retention=self.retention, selector=selector, **self.method_options)
