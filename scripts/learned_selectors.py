@@ -4,10 +4,10 @@
         --ship src/visionselector/reference/selectors
 
 For each seed: the paper's ``visionselector`` and the question-aware ``visionselector_q``
-(saved with ``diversity=0.5``), each trained once at retention 0.2 on the frozen reference
+(saved with ``diversity=0.5`` and ``focus=0.05``), each trained once at retention 0.2 on the frozen reference
 model (DigitsVQA training split from sample 100,000, learning rate 1e-3, batch 16, the
 curriculum from 0.1 to 2.0). Every learned row (the paper's scorer with and without MMR
-diversity; VisionSelector-Q with and without it) is evaluated on the first test samples at
+diversity and the context grid; VisionSelector-Q with and without each) is evaluated on the first test samples at
 every retention, and reported as the mean and range over the seeds; the training-free rows,
 with FastV and DART also at the depth-matched layer 0, once. ``--ship`` copies seed 0's
 selectors, with their training records, into the package.
@@ -36,8 +36,10 @@ from visionselector.reference.task import write_split
 
 TRAINING_FREE = ["cdpruner", "divprune", "dart", "dart@layer=0", "fastv", "fastv@layer=0", "visionzip", "random",
                  "uniform", "pool"]
-LEARNED = {"visionselector": (), "visionselector_q": ("diversity=0.5",)}
-LEARNED_ROWS = ["visionselector", "visionselector@diversity=0.5", "visionselector_q", "visionselector_q@diversity=0"]
+LEARNED = {"visionselector": (), "visionselector_q": ("diversity=0.5", "focus=0.05")}
+LEARNED_ROWS = ["visionselector", "visionselector@diversity=0.5", "visionselector@diversity=0.5,focus=0.05",
+                "visionselector_q", "visionselector_q@diversity=0", "visionselector_q@focus=1.0",
+                "visionselector_q@diversity=0,focus=1.0"]
 RETENTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 

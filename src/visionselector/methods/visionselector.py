@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..ops.context import fill_even_grid, focus_count
 from ..ops.diversity import mmr_flops, mmr_keep
 from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
 
@@ -95,6 +96,35 @@ def diversity_option(at_zero: str):
         "at_least": 0.0, "at_most": 1.0})
 
 
+def focus_option():
+    """The ``focus`` option of the learned methods (:mod:`~visionselector.ops.context`)."""
+    return field(default=1.0, metadata={
+        "help": "share of each image's visual tokens chosen by score (and diversity); the rest of the budget is "
+                "spread on an even grid of the image, for context. 1.0 gives the whole budget to the score",
+        "above": 0.0, "at_most": 1.0})
+
+
+def keep_focus_then_context(scores: torch.Tensor, tokens: VisualTokens, budget: torch.Tensor, diversity: float,
+                            focus: float) -> torch.Tensor:
+    """``BoolTensor[B, N]``: ``focus_count`` tokens by MMR over ``scores`` ``[B, N]``, then the rest
+    of ``budget`` on an even grid (:func:`~visionselector.ops.context.fill_even_grid`); exactly
+    :func:`~visionselector.ops.diversity.mmr_keep` at ``focus == 1``."""
+    if focus >= 1.0:
+        return mmr_keep(scores, tokens.features, budget, tokens.valid, diversity)
+    keep = mmr_keep(scores, tokens.features, focus_count(budget, tokens.valid, focus), tokens.valid, diversity)
+    return fill_even_grid(keep, budget, tokens.valid, tokens.segments)
+
+
+def learned_config(config: dict, diversity: float, focus: float) -> dict:
+    """``config`` plus the selection options that differ from their defaults, so that a selector
+    saved without them stays readable by versions that predate them."""
+    if diversity:
+        config["diversity"] = diversity
+    if focus != 1.0:
+        config["focus"] = focus
+    return config
+
+
 @dataclass
 class VisionSelectorOptions:
     """Options of :class:`VisionSelectorMethod`."""
@@ -106,6 +136,7 @@ class VisionSelectorOptions:
     init_std: float = field(default=1e-4, metadata={"help": "standard deviation of the scorer's initial weights",
                                                     "above": 0.0})
     diversity: float = diversity_option("as the paper does")
+    focus: float = focus_option()
 
 
 @register_method
@@ -118,17 +149,21 @@ class VisionSelectorMethod(SelectionMethod):
     options_class = VisionSelectorOptions
 
     def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4,
-                 diversity: float = 0.0) -> None:
+                 diversity: float = 0.0, focus: float = 1.0) -> None:
         super().__init__(hidden_size)
-        options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std, "diversity": diversity})
+        options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std, "diversity": diversity,
+                                             "focus": focus})
         self.scorer = ImportanceScorer(hidden_size, options["hidden_dim"], init_std=options["init_std"])
         self.diversity = options["diversity"]
+        self.focus = options["focus"]
+        if self.focus < 1.0:  # the context grid needs each image's token grid
+            self.needs = type(self).needs | {"segments"}
 
     def scores(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.scorer(features, mask)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
-        return Selection(mmr_keep(self.token_scores(tokens), tokens.features, budget, tokens.valid, self.diversity))
+        return Selection(keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus))
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """The scorer's products: the mean token's key and its direction (``4 D h``) and one dot
@@ -137,7 +172,4 @@ class VisionSelectorMethod(SelectionMethod):
                                                                                      self.diversity)
 
     def config_dict(self) -> dict:
-        config = {"hidden_dim": self.scorer.hidden_dim}
-        if self.diversity:  # a selector saved without diversity stays readable by earlier versions
-            config["diversity"] = self.diversity
-        return config
+        return learned_config({"hidden_dim": self.scorer.hidden_dim}, self.diversity, self.focus)

@@ -32,9 +32,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.diversity import mmr_flops, mmr_keep
+from ..ops.diversity import mmr_flops
 from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
-from .visionselector import ImportanceScorer, diversity_option
+from .visionselector import ImportanceScorer, diversity_option, focus_option, keep_focus_then_context, learned_config
 
 __all__ = ["QuestionScorer", "QuestionAwareScorer", "QuestionAwareSelectorMethod", "QuestionAwareSelectorOptions"]
 
@@ -132,6 +132,7 @@ class QuestionAwareSelectorOptions:
     image_score: bool = field(default=True, metadata={
         "help": "add the paper's image-only importance score to the question's"})
     diversity: float = diversity_option("as the paper's scorer does")
+    focus: float = focus_option()
 
 
 @register_method
@@ -145,10 +146,10 @@ class QuestionAwareSelectorMethod(SelectionMethod):
     options_class = QuestionAwareSelectorOptions
 
     def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4,
-                 image_score: bool = True, diversity: float = 0.0) -> None:
+                 image_score: bool = True, diversity: float = 0.0, focus: float = 1.0) -> None:
         super().__init__(hidden_size)
         options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std,
-                                             "image_score": image_score, "diversity": diversity})
+                                             "image_score": image_score, "diversity": diversity, "focus": focus})
         width = options["hidden_dim"] if options["hidden_dim"] is not None else hidden_size // 2
         if width < 1:
             raise ValueError(f"hidden_dim defaults to half the hidden size, which is 0 for hidden size {hidden_size}; "
@@ -156,6 +157,9 @@ class QuestionAwareSelectorMethod(SelectionMethod):
         self.scorer = QuestionAwareScorer(hidden_size, width, image_score=options["image_score"],
                                           init_std=options["init_std"])
         self.diversity = options["diversity"]
+        self.focus = options["focus"]
+        if self.focus < 1.0:  # the context grid needs each image's token grid
+            self.needs = type(self).needs | {"segments"}
 
     def token_scores(self, tokens: VisualTokens) -> torch.Tensor:
         if tokens.prompt is None or tokens.prompt_valid is None:
@@ -164,7 +168,7 @@ class QuestionAwareSelectorMethod(SelectionMethod):
         return self.scorer(tokens.features, tokens.valid, tokens.prompt, tokens.prompt_valid)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
-        return Selection(mmr_keep(self.token_scores(tokens), tokens.features, budget, tokens.valid, self.diversity))
+        return Selection(keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus))
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """The gate and the pooled prompt (``4 T D``), the query and its direction (``4 D h``), one
@@ -176,5 +180,5 @@ class QuestionAwareSelectorMethod(SelectionMethod):
         return question + image + mmr_flops(visual, hidden, budget, self.diversity)
 
     def config_dict(self) -> dict:
-        return {"hidden_dim": self.scorer.hidden_dim, "image_score": self.scorer.image is not None,
-                "diversity": self.diversity}
+        return learned_config({"hidden_dim": self.scorer.hidden_dim, "image_score": self.scorer.image is not None,
+                               "diversity": self.diversity}, self.diversity, self.focus)
