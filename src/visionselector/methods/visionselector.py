@@ -12,6 +12,9 @@ marginal relevance over the trained scores instead of plain top-k, the selection
 IDPruner (Tencent AngelSlim): each step trades a token's normalised score against its
 cosine similarity to the tokens already kept (:func:`~visionselector.ops.diversity.mmr_keep`).
 It changes hard selection only; training (soft selection) is the same either way.
+Option ``focus`` (1.0 by default: off) keeps only a share of each image's tokens that way
+and spreads the rest of the budget on an even grid (:mod:`~visionselector.ops.context`);
+it too changes hard selection only.
 """
 
 from __future__ import annotations

@@ -21,7 +21,10 @@ selection loss, on the frozen model, exactly as the paper's scorer does.
 At selection, option ``diversity`` keeps tokens by maximal marginal relevance
 (:func:`~visionselector.ops.diversity.mmr_keep`): the most relevant tokens first, then
 tokens unlike those already kept, so that a budget too small for every token of every
-needed object still covers each of them.
+needed object still covers each of them. Option ``focus`` caps the tokens chosen that way
+at a share of the image's tokens and spreads the rest of the budget on an even grid of the
+image (:mod:`~visionselector.ops.context`), so that the language model still reads a
+sample of the whole image in its natural proportions, which counting needs.
 """
 
 from __future__ import annotations
