@@ -8,7 +8,7 @@ selector's own kept set and with oracle sets of the same size built from the sce
 objects, which no method has: the selector's set less its tokens on objects the question
 is not about; every token of the asked objects; the centre token of every object, or of
 the asked ones. Each is topped up with background tokens (on no object) in a fixed random
-order. Prints accuracy per question type for each, then how the selector's own set fails
+order, or, for the asked objects, with an even grid of the image (the ``focus`` rule). Prints accuracy per question type for each, then how the selector's own set fails
 on counting questions: whether it kept every asked object and its centre token, and the
 wrong answers against the true counts.
 """
@@ -21,6 +21,7 @@ import torch
 import visionselector as vs
 from visionselector.methods.base import NoOptions, SelectionMethod, register_method
 from visionselector.models import load_model
+from visionselector.ops.context import fill_even_grid
 from visionselector.reference.task import asked_objects, digit_images, make_sample, object_tokens, token_labels
 from visionselector.reference.training import question_batch
 
@@ -93,6 +94,13 @@ def main() -> None:
                 "the centre token of the asked objects": sorted(centres & asked_tokens),
             }
             budget = len(kept)
+            for first in ("every token of the asked objects", "the centre token of the asked objects"):
+                focus = orders[first][:budget]
+                chosen = torch.zeros(1, tokens, dtype=torch.bool)
+                chosen[0, focus] = True
+                grid = fill_even_grid(chosen, torch.tensor([budget]), torch.ones(1, tokens, dtype=torch.bool),
+                                      [[(1, 16, 16)]])
+                orders[first + ", then an even grid"] = focus + torch.nonzero(grid[0] & ~chosen[0]).flatten().tolist()
             for name, order in orders.items():
                 order = list(dict.fromkeys(order + background))[:budget]
                 priority = torch.zeros(tokens)
@@ -111,7 +119,7 @@ def main() -> None:
                     if predicted != answer:
                         errors[answer, predicted] += 1
         print(f"\nr={retention:g}, {args.split} samples 0..{args.samples - 1}, {args.method} {options or ''}\n")
-        print("| kept set, then background | " + " | ".join(kinds) + " |")
+        print("| kept set (then background, unless it says otherwise) | " + " | ".join(kinds) + " |")
         print("| --- |" + " ---: |" * len(kinds))
         for name in orders:
             print(f"| {name} | " + " | ".join(f"{100 * correct[name, k] / total[name, k]:.0f}" for k in kinds) + " |")

@@ -68,6 +68,8 @@ BAD_OPTIONS = [
     ("visionselector_q", "image_score", 1), ("visionselector_q", "image_score", "false"),
     ("visionselector_q", "image_score", None),
     ("visionselector_q", "diversity", 1.01), ("visionselector_q", "diversity", -1e-9), ("visionselector_q", "diversity", True),
+    ("visionselector", "focus", 0.0), ("visionselector", "focus", 1.5), ("visionselector", "focus", None),
+    ("visionselector_q", "focus", -0.05), ("visionselector_q", "focus", float("inf")), ("visionselector_q", "focus", "0.05"),
     ("cdpruner", "theta", 1.0), ("cdpruner", "theta", -0.1), ("cdpruner", "theta", float("nan")),
     ("cdpruner", "theta", "0.5"),
 ]
@@ -137,10 +139,12 @@ def test_a_saved_selector_reloads_its_checked_options(clean, tmp_path):
 
 def test_option_listing_keeps_defaults_and_gives_help_with_the_valid_range():
     assert method_options(get_method_class("dart")) == {"layer": 2, "num_pivots": 8}
-    assert method_options(get_method_class("visionselector")) == {"hidden_dim": None, "init_std": 1e-4, "diversity": 0.0}
+    assert method_options(get_method_class("visionselector")) == {"hidden_dim": None, "init_std": 1e-4, "diversity": 0.0,
+                                                                  "focus": 1.0}
     assert method_options(get_method_class("visionselector_q")) == {"hidden_dim": None, "init_std": 1e-4,
-                                                                    "image_score": True, "diversity": 0.0}
+                                                                    "image_score": True, "diversity": 0.0, "focus": 1.0}
     assert option_help(get_method_class("visionselector"))["diversity"].endswith("(a finite number in [0, 1])")
+    assert option_help(get_method_class("visionselector_q"))["focus"].endswith("(a finite number in (0, 1])")
     assert method_options(get_method_class("uniform")) == {}
     assert option_help(get_method_class("random"))["seed"].endswith("(an integer in [0, 2**64))")
     assert option_help(get_method_class("visionzip"))["contextual_ratio"].endswith("(a finite number in [0, 1))")
