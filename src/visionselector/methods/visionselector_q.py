@@ -143,7 +143,8 @@ class QuestionAwareSelectorMethod(SelectionMethod):
     """Keeps the tokens a trained question-aware scorer ranks highest, optionally by MMR."""
 
     name = "visionselector_q"
-    description = "learned question-aware scorer with differentiable top-k, MMR coverage and an even-grid context (VisionSelector-Q)"
+    description = ("learned question-aware scorer with differentiable top-k, MMR coverage and an even-grid context "
+                   "(VisionSelector-Q)")
     trainable = True
     needs = frozenset({"prompt"})
     options_class = QuestionAwareSelectorOptions
