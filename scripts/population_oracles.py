@@ -8,8 +8,9 @@ selector's own kept set and with oracle sets of the same size built from the sce
 objects, which no method has: the selector's set less its tokens on objects the question
 is not about; every token of the asked objects; the centre token of every object, or of
 the asked ones. Each is topped up with background tokens (on no object) in a fixed random
-order, or, for the asked objects, with an even grid of the image (the ``focus`` rule). Prints accuracy per question type for each, then how the selector's own set fails
-on counting questions: whether it kept every asked object and its centre token, and the
+order, or, for the asked objects, with an even grid of the image (the ``focus`` rule).
+Prints accuracy per question type for each, then how the selector's own set fails on
+counting questions: whether it kept every asked object and its centre token, and the
 wrong answers against the true counts.
 """
 

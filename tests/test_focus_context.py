@@ -114,7 +114,8 @@ def test_focus_round_trips_and_is_checked(method, tmp_path):
     vs.attach(model, method=method, retention=0.4, diversity=0.5, focus=0.1)
     randomise_scorer(model, seed=5)
     assert "segments" in vs.get_method(model).needs
-    batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8)], suffix=6), SampleSpec(images=[(4, 8)], suffix=3)])
+    batch = synthetic_batch(model.config, [SampleSpec(images=[(8, 8)], suffix=6),
+                                           SampleSpec(images=[(4, 8)], suffix=3)])
     with torch.no_grad():
         expected = model(**batch).logits
     selection = [k.tolist() for k in vs.last_selection(model)]
