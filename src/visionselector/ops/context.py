@@ -106,6 +106,7 @@ def fill_even_grid(keep: torch.Tensor, budget: torch.Tensor, valid: torch.Tensor
         free = [h * w - int(keep[row, s:s + h * w].sum()) for (h, w), s in zip(frames, starts)]
         for (height, width), start, share in zip(frames, starts, split_budget(count, free)):
             taken = keep[row, start:start + height * width].cpu()
-            for index in _grid_of_free(height, width, taken, share):
-                keep[row, start + index] = True
+            chosen = _grid_of_free(height, width, taken, share)
+            if chosen:  # one write per frame, not one per token (each would be a kernel launch on a GPU)
+                keep[row, start + torch.tensor(chosen, device=keep.device)] = True
     return keep
