@@ -56,7 +56,7 @@ def code_version() -> str | None:
 
 def summarise(records_by_seed: dict, fixed: list) -> tuple[str, list]:
     """Markdown tables: accuracy (learned rows: mean [min, max] over seeds) and FLOPs % of full."""
-    retentions = sorted({r["retention"] for r in fixed})
+    retentions = sorted({r["retention"] for seed in records_by_seed.values() for r in seed})
     lines = ["| method | " + " | ".join(f"r={r:g}" for r in retentions) + " |",
              "| --- |" + " ---: |" * len(retentions)]
     rows = []
@@ -117,6 +117,8 @@ def main() -> None:
     parser.add_argument("--test-samples", type=int, default=480)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--ship", default=None, help="copy seed 0's selectors here, with training records")
+    parser.add_argument("--epochs", type=float, default=1.0, help="passes over the training samples")
+    parser.add_argument("--no-training-free", action="store_true", help="evaluate the learned rows only")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     command = " ".join(["python", "scripts/learned_selectors.py", *sys.argv[1:]])
@@ -130,8 +132,9 @@ def main() -> None:
     cache = FeatureCache(model, processor, examples, progress=False)
 
     started = time.time()
-    fixed = [r.__dict__ for r in evaluate_methods(model, processor, examples, methods=TRAINING_FREE,
-                                                  retentions=RETENTIONS, cache=cache, progress=False)]
+    fixed = [] if args.no_training_free else [
+        r.__dict__ for r in evaluate_methods(model, processor, examples, methods=TRAINING_FREE,
+                                             retentions=RETENTIONS, cache=cache, progress=False)]
     print(f"training-free rows in {time.time() - started:.0f} s", flush=True)
     records, histories, trainings = {}, {}, {}
     for seed in args.seeds:
@@ -139,8 +142,8 @@ def main() -> None:
         for method, options in LEARNED.items():
             folder = root / f"seed{seed}" / method
             result = run_train(TrainConfig(data=str(train), out=str(folder), method=method, method_options=options,
-                                           learning_rate=1e-3, seed=seed, cache_dir=str(root / "cache"),
-                                           progress=False, overwrite=True),
+                                           learning_rate=1e-3, seed=seed, epochs=args.epochs,
+                                           cache_dir=str(root / "cache"), progress=False, overwrite=True),
                                model=model, processor=processor, print_fn=lambda *_: None)
             histories[method, seed] = result["history"]
             trainings[method, seed] = {"seconds": round(result["seconds"], 1), "steps": len(result["history"])}
