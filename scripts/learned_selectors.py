@@ -4,11 +4,12 @@
         --ship src/visionselector/reference/selectors
 
 For each seed: the paper's ``visionselector`` and the question-aware ``visionselector_q``
-(saved with ``diversity=0.5`` and ``focus=0.05``), each trained once at retention 0.2 on the frozen reference
-model (DigitsVQA training split from sample 100,000, learning rate 1e-3, batch 16, the
-curriculum from 0.1 to 2.0). Every learned row (the paper's scorer with and without MMR
-diversity and the context grid; VisionSelector-Q with and without each) is evaluated on the first test samples at
-every retention, and reported as the mean and range over the seeds; the training-free rows,
+(saved with ``diversity=0.5`` and ``focus=0.05``), each trained once at retention 0.2 on
+the frozen reference model (DigitsVQA training split from sample 100,000, learning rate
+1e-3, batch 16, the curriculum from 0.1 to 2.0; ``--epochs 2`` trains twice as long on the
+same samples). Every learned row (the paper's scorer with and without MMR diversity and the
+context grid; VisionSelector-Q with and without each) is evaluated on the first test
+samples at every retention, and reported as the mean and range over the seeds; the training-free rows,
 with FastV and DART also at the depth-matched layer 0, once. ``--ship`` copies seed 0's
 selectors, with their training records, into the package.
 
