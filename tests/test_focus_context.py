@@ -14,7 +14,6 @@ from visionselector.ops.grid import even_grid
 from visionselector.presets import SampleSpec, synthetic_batch
 
 from conftest import make_model, randomise_scorer
-from families import FAMILIES
 
 
 def fill_reference(kept: set[int], frames: list[tuple[int, int]], missing: int) -> set[int]:
@@ -133,20 +132,3 @@ def test_focus_round_trips_and_is_checked(method, tmp_path):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="focus"):
             vs.attach(make_model(), method=method, retention=0.4, focus=bad)
-
-
-@pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_batched_focus_selection_equals_each_sample_alone(name):
-    family = FAMILIES[name]
-    model = family.build(seed=0)
-    vs.attach(model, method="visionselector_q", retention=0.4, diversity=0.4, focus=0.1)
-    randomise_scorer(model, seed=4)
-    samples = [(1,), (0, 2), (2,)]
-    batch = family.batch(samples)
-    with torch.no_grad():
-        model(**batch)
-    together = [k.tolist() for k in vs.last_selection(model)]
-    for row in range(len(samples)):
-        with torch.no_grad():
-            model(**family.single(batch, samples, row))
-        assert [k.tolist() for k in vs.last_selection(model)] == [together[row]]

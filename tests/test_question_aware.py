@@ -206,11 +206,13 @@ def _batch(model):
                                           SampleSpec(images=[(4, 8)], suffix=3)])
 
 
+@pytest.mark.parametrize("options", [{"retention": 0.25, "diversity": 0.4},
+                                     {"retention": 0.4, "diversity": 0.4, "focus": 0.1}], ids=["mmr", "focus"])
 @pytest.mark.parametrize("name", sorted(FAMILIES))
-def test_batched_selection_equals_each_sample_alone(name):
+def test_batched_selection_equals_each_sample_alone(name, options):
     family = FAMILIES[name]
     model = family.build(seed=0)
-    vs.attach(model, method="visionselector_q", retention=0.25, diversity=0.4)
+    vs.attach(model, method="visionselector_q", **options)
     randomise_scorer(model, seed=4)
     samples = [(1,), (0, 2), (2,)]
     batch = family.batch(samples)

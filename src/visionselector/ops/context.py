@@ -14,11 +14,9 @@ adds the rest on an even grid of each frame.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .grid import even_grid, frame_sizes, split_budget
+from .grid import even_grid, frame_sizes, split_budget, thin_evenly
 
 __all__ = ["focus_count", "fill_even_grid"]
 
@@ -42,13 +40,6 @@ def focus_count(budget: torch.Tensor, valid: torch.Tensor, focus: float) -> torc
     return torch.minimum(budget, wanted)
 
 
-def _spread(candidates: list[int], count: int) -> list[int]:
-    """``count`` of ``candidates`` (sorted), evenly spaced in their order."""
-    if count >= len(candidates):
-        return candidates
-    return [candidates[math.floor((i + 0.5) * len(candidates) / count)] for i in range(count)]
-
-
 def _grid_of_free(height: int, width: int, taken: torch.Tensor, count: int) -> list[int]:
     """``count`` row-major indices of an ``height x width`` frame, not in ``taken`` (``BoolTensor``
     over the frame), spread evenly: the points of the coarsest even grid that has at least
@@ -61,7 +52,7 @@ def _grid_of_free(height: int, width: int, taken: torch.Tensor, count: int) -> l
         points = even_grid(height, width, size)
         points = points[~taken[points]]
         if len(points) >= count:
-            return _spread(points.tolist(), count)
+            return thin_evenly(points, count).tolist()
     raise AssertionError("the full grid holds every free token")
 
 

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-__all__ = ["split_budget", "even_grid", "frame_sizes", "pooling_grid"]
+__all__ = ["split_budget", "even_grid", "thin_evenly", "frame_sizes", "pooling_grid"]
 
 
 def split_budget(budget: int, sizes: list[int]) -> list[int]:
@@ -40,6 +40,14 @@ def frame_sizes(segments: list[tuple[int, int, int]]) -> list[tuple[int, int]]:
     return [(height, width) for frames, height, width in segments for _ in range(frames)]
 
 
+def thin_evenly(points: torch.Tensor, count: int) -> torch.Tensor:
+    """``count`` of ``points`` ``[P]``, evenly spaced in their order (entry ``floor((i + 0.5) P / count)``
+    for ``i < count``); ``points`` itself when ``count >= P``."""
+    if count >= len(points):
+        return points
+    return points[((torch.arange(count) + 0.5) * len(points) / count).floor().long()]
+
+
 def even_grid(height: int, width: int, count: int) -> torch.Tensor:
     """``count`` row-major indices of an ``height x width`` frame spread on an even grid.
 
@@ -61,9 +69,7 @@ def even_grid(height: int, width: int, count: int) -> torch.Tensor:
     rows = ((torch.arange(grid_h) + 0.5) * height / grid_h).floor().long()
     cols = ((torch.arange(grid_w) + 0.5) * width / grid_w).floor().long()
     points = (rows.unsqueeze(1) * width + cols.unsqueeze(0)).flatten()
-    if len(points) > count:
-        points = points[((torch.arange(count) + 0.5) * len(points) / count).floor().long()]
-    return points.sort().values
+    return thin_evenly(points, count).sort().values
 
 
 def pooling_grid(height: int, width: int, count: int) -> tuple[int, int]:
