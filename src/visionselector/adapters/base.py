@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from ..methods.base import SelectionMethod, VisualTokens
+from ..ops.merge import additive_mask, size_bias
 from ..ops.sequence import compact_index, gather_sequence
 from ..ops.topk import hard_topk, soft_topk, token_budget
 from .compaction import Compaction
@@ -80,6 +81,9 @@ class PrefillMemory:
     compact_mask: torch.Tensor  # BoolTensor[B, compact_length]
     # Decoder layers before this one keep the full sequence in the cache (0: all are compacted).
     first_pruned_layer: int = 0
+    # [B, compact_length]: what every later query adds to its attention logit for each cached
+    # prompt token (log of the tokens a merged token stands for), or None: no weighting.
+    key_bias: torch.Tensor | None = None
 
     def appended(self, past_length: int) -> int:
         """Tokens added after the prompt, given the cache length of layer 0."""
@@ -187,6 +191,9 @@ class HardSelection:
     compaction: Compaction
     record: SelectionRecord
     embeds: torch.Tensor  # [B, L, D] the input embeddings, with merged features where a method merged
+    # [B, L'] the attention bias of each slot of the compacted sequence (log of the tokens a merged
+    # token stands for, 0 elsewhere), or None when the method did not weigh its tokens
+    key_bias: torch.Tensor | None = None
 
 
 def select_tokens(
@@ -268,7 +275,12 @@ def select_tokens(
         embeds = inputs_embeds.clone()
         rows = torch.arange(values.shape[0], device=values.device).unsqueeze(1).expand_as(visual.positions)
         embeds[rows[visual.valid], visual.positions[visual.valid]] = values[visual.valid]
-    return HardSelection(compaction, record, embeds)
+    key_bias = None
+    if chosen.sizes is not None:
+        sizes = chosen.sizes.to(torch.float32) * keep_visual
+        key_bias = compaction.apply(size_bias(scatter_to_sequence(sizes, visual, inputs_embeds.shape[1], 0.0)))
+        key_bias = key_bias.masked_fill(~compaction.valid, 0.0)
+    return HardSelection(compaction, record, embeds, key_bias)
 
 
 def choose(state: AttachedState, tokens: VisualTokens, visual: VisualBatch, budget: torch.Tensor,
@@ -340,11 +352,13 @@ def output_cache(outputs):
 CACHE_ATTRIBUTE = "visionselector_pruned_prompt"
 
 
-def remember_prefill(cache, full_length: int, compact_valid: torch.Tensor, first_pruned_layer: int = 0) -> None:
-    """Note on ``cache`` that it holds a pruned prompt of ``full_length`` tokens (``compact_valid`` ``[B, L']``)."""
+def remember_prefill(cache, full_length: int, compact_valid: torch.Tensor, first_pruned_layer: int = 0,
+                     key_bias: torch.Tensor | None = None) -> None:
+    """Note on ``cache`` that it holds a pruned prompt of ``full_length`` tokens (``compact_valid`` ``[B, L']``),
+    whose keys carry ``key_bias`` ``[B, L']`` (or none)."""
     if cache is not None:
         setattr(cache, CACHE_ATTRIBUTE, PrefillMemory(full_length, compact_valid.shape[1], compact_valid,
-                                                      first_pruned_layer))
+                                                      first_pruned_layer, key_bias))
 
 
 def forget_prefill(cache) -> None:
@@ -397,6 +411,30 @@ def decode_attention_mask(
         )
     tail = attention_mask[:, memory.full_length:].to(torch.bool)
     return torch.cat([memory.compact_mask.to(tail.device), tail], dim=1)
+
+
+def weighted_decoding_mask(memory: PrefillMemory, mask: torch.Tensor | None, past_length: int, query_length: int,
+                           dtype: torch.dtype) -> torch.Tensor:
+    """A decoding step's 4-D additive mask over the compacted cache, from its 2-D ``mask`` (or ``None``),
+    with the bias ``memory.key_bias`` on the prompt's keys and none on the tokens after it."""
+    bias = memory.key_bias
+    tail = memory.appended(past_length) + query_length
+    if mask is None:
+        mask = torch.ones(bias.shape[0], memory.compact_length + tail, dtype=torch.bool, device=bias.device)
+    bias = torch.cat([bias.to(mask.device), bias.new_zeros(bias.shape[0], tail).to(mask.device)], dim=1)
+    return additive_mask(mask.bool(), bias, query_length, dtype)
+
+
+WEIGHTED_ATTENTION = ("sdpa", "eager")
+
+
+def check_weighted_attention(state: AttachedState, text_model) -> None:
+    """A method that merges tokens needs an attention that adds a float mask to its logits."""
+    implementation = getattr(text_model.config, "_attn_implementation", None)
+    if state.method.merges and implementation not in WEIGHTED_ATTENTION:
+        raise ValueError(f"method {state.method_name!r} with merge=True weighs attention to each merged token by "
+                         f"an additive mask, which {implementation!r} attention does not take; load the model with "
+                         f"attn_implementation={' or '.join(map(repr, WEIGHTED_ATTENTION))}, or set merge=False")
 
 
 # Set on every function this package puts on a module instance, so that a module already

@@ -38,6 +38,7 @@ from .base import (
     CACHE_NAMES,
     cache_keyword,
     cache_length,
+    check_weighted_attention,
     decode_attention_mask,
     forget_prefill,
     gather_prompt,
@@ -48,7 +49,9 @@ from .base import (
     replace_forward,
     replace_method,
     select_tokens,
+    weighted_decoding_mask,
 )
+from ..ops.merge import additive_mask
 from .compaction import Compaction
 from .layer_pruning import LayerPruning, install_layer_pruning, layer_type, standard_query_key
 from .positions import MRoPEPositions, PositionStrategy
@@ -158,6 +161,9 @@ class ModelAdapter:
             return "it reads the vision encoder's attention, which this family's adapter does not record"
         if "segments" in method.needs and not cls.lays_out_grids:
             return "it needs the visual tokens laid out in grids, which this family's adapter cannot say"
+        if getattr(method, "merges", False) and cls.recurrent_state:
+            return ("it merges tokens and weighs attention to them with an additive mask, but this language model's "
+                    "linear-attention layers have no attention logits to weigh; set merge=False")
         if "prompt" in method.needs and method.prune_layer is not None:
             return "it prunes inside the language model, where the prompt's hidden states, not its embeddings, are read"
         return None
@@ -209,6 +215,7 @@ class ModelAdapter:
             raise ValueError(f"method {state.method_name!r} cannot run on {cls.family} models: {reason}")
         core = cls.core(model)
         text_model = cls.text_model(core)
+        check_weighted_attention(state, text_model)
         strategy = cls.positions
         core_forward, text_forward = core.forward, text_model.forward
 
@@ -283,6 +290,9 @@ class ModelAdapter:
                 positions = strategy.continuing(position_ids, memory.uncompressed(past_length), query_length, batch,
                                                 tokens.device)
                 mask = decode_attention_mask(memory, attention_mask, past_length, query_length)
+                if memory.key_bias is not None:
+                    check_weighted_attention(state, text_model)
+                    mask = weighted_decoding_mask(memory, mask, past_length, query_length, model_dtype(inputs_embeds))
                 if memory.first_pruned_layer == 0:
                     return call(mask, positions, inputs_embeds)
                 # Pruned inside the LLM: early layers keep the full mask, later ones get the compacted one.
@@ -346,13 +356,17 @@ class ModelAdapter:
             assert isinstance(selection, HardSelection)
             compaction = selection.compaction
             extras = cls.compact_extras(kwargs, compaction, visual_mask)
-            if compaction.all_valid and not strategy.explicit_mask:
+            embeds = compaction.apply(selection.embeds)
+            if selection.key_bias is not None:
+                check_weighted_attention(state, text_model)
+                compact_mask = additive_mask(compaction.valid, selection.key_bias, compaction.compact_length,
+                                             embeds.dtype)
+            elif compaction.all_valid and not strategy.explicit_mask:
                 compact_mask = None
             else:
                 compact_mask = compaction.mask(attention_mask.dtype if attention_mask is not None else torch.long)
-            outputs = call(compact_mask, strategy.compact(positions, compaction), compaction.apply(selection.embeds),
-                           **extras)
-            remember_prefill(output_cache(outputs), length, compaction.valid)
+            outputs = call(compact_mask, strategy.compact(positions, compaction), embeds, **extras)
+            remember_prefill(output_cache(outputs), length, compaction.valid, key_bias=selection.key_bias)
             return outputs
 
         def continue_with_images(call, token_ids, visual_mask, attention_mask, position_ids, cache, inputs_embeds,
@@ -395,12 +409,14 @@ class ModelAdapter:
                 },
             )
             state.call_record = state.last
+            chunk_bias = None
             if selection is None:  # retention 1: the new turn stays whole
                 if memory is None:
                     return call(attention_mask, position_ids, inputs_embeds)
                 compaction = Compaction.from_keep(torch.ones_like(token_valid), pad_left=True)
                 embeds, extras, chunk_valid = inputs_embeds, {}, token_valid
             else:
+                chunk_bias = selection.key_bias
                 compaction = selection.compaction
                 if cls.recurrent_state and not compaction.all_valid:
                     raise NotImplementedError(
@@ -410,8 +426,13 @@ class ModelAdapter:
                 embeds = compaction.apply(selection.embeds)
                 extras, chunk_valid = cls.compact_extras(kwargs, compaction, visual_mask), compaction.valid
             compact_mask = torch.cat([prefix, chunk_valid], dim=1)
-            outputs = call(compact_mask.long(), strategy.compact(positions, compaction), embeds, **extras)
-            remember_prefill(cache, uncompressed + length, compact_mask)
+            key_bias = joined_key_bias(memory, past_length, chunk_bias, chunk_valid)
+            mask = compact_mask.long()
+            if key_bias is not None:
+                check_weighted_attention(state, text_model)
+                mask = additive_mask(compact_mask, key_bias, chunk_valid.shape[1], embeds.dtype)
+            outputs = call(mask, strategy.compact(positions, compaction), embeds, **extras)
+            remember_prefill(cache, uncompressed + length, compact_mask, key_bias=key_bias)
             return outputs
 
         from transformers.masking_utils import create_causal_mask
@@ -427,6 +448,28 @@ class ModelAdapter:
             cls.install_encoder_attention_probe(core, state)
         if state.method.prune_layer is not None:
             install_layer_pruning(text_model, state, create_masks, cls.query_key)
+
+
+def model_dtype(inputs_embeds) -> torch.dtype:
+    return inputs_embeds.dtype if inputs_embeds is not None else torch.get_default_dtype()
+
+
+def joined_key_bias(memory, past_length: int, chunk_bias: torch.Tensor | None, chunk_valid: torch.Tensor
+                    ) -> torch.Tensor | None:
+    """The attention bias of a cache of ``past_length`` tokens followed by a new chunk (``chunk_valid``
+    ``[B, C]``): the pruned prompt's bias, none on the tokens after it, then the chunk's own;
+    ``None`` when neither carries one."""
+    prefix = memory.key_bias if memory is not None else None
+    if prefix is None and chunk_bias is None:
+        return None
+    batch, device = chunk_valid.shape[0], chunk_valid.device
+    if prefix is None:
+        prefix = torch.zeros(batch, past_length, device=device)
+    else:
+        prefix = torch.cat([prefix.to(device), torch.zeros(batch, past_length - prefix.shape[1], device=device)], 1)
+    if chunk_bias is None:
+        chunk_bias = torch.zeros(chunk_valid.shape, device=device)
+    return torch.cat([prefix, chunk_bias.to(device=device, dtype=prefix.dtype)], dim=1)
 
 
 def install_generation_hooks(model, state: AttachedState) -> None:

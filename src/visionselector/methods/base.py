@@ -15,9 +15,10 @@ from typing import ClassVar
 import torch
 from torch import nn
 
+from ..ops.merge import absorb_dropped
 from ..ops.topk import hard_topk
 
-__all__ = ["InsideLLMMethod", "LayerOptions", "NoOptions", "Selection", "SelectionMethod", "VisualTokens",
+__all__ = ["InsideLLMMethod", "LayerOptions", "NoOptions", "merge_option", "merged_selection", "Selection", "SelectionMethod", "VisualTokens",
            "register_method", "get_method_class", "list_methods", "method_options", "option_help", "check_options",
            "check_value"]
 
@@ -65,6 +66,10 @@ class Selection:
 
     keep: torch.Tensor
     features: torch.Tensor | None = None
+    # [B, N]: how many of the input's tokens each kept token stands for (0 at the others),
+    # for methods that merge the dropped tokens into the kept ones (option ``merge``); the
+    # language model then weighs its attention to each kept token by log(size).
+    sizes: torch.Tensor | None = None
 
 
 # ---------------------------------------------------------------- options
@@ -260,6 +265,9 @@ class SelectionMethod(nn.Module):
     # from what layer K saw, and later layers run on the kept tokens.
     inside_llm: ClassVar[bool] = False
     prune_layer: int | None = None
+    # Set per instance by methods with the ``merge`` option: their selections carry sizes, and
+    # the language model must take an additive attention mask (sdpa or eager attention).
+    merges: bool = False
 
     def __init__(self, hidden_size: int) -> None:
         super().__init__()
@@ -300,6 +308,23 @@ class SelectionMethod(nn.Module):
     def config_dict(self) -> dict:
         """Constructor options (besides the hidden size) that rebuild this method with its weights."""
         return {}
+
+
+def merge_option():
+    """The ``merge`` option of methods that prune before the language model (:mod:`~visionselector.ops.merge`)."""
+    return field(default=False, metadata={
+        "help": "merge each dropped token into its most similar kept token (mean embedding) and weigh attention "
+                "to each kept token by log of the tokens it stands for (proportional attention); the language "
+                "model must use sdpa or eager attention"})
+
+
+def merged_selection(keep: torch.Tensor, tokens: VisualTokens, merge: bool) -> Selection:
+    """``keep`` ``[B, N]`` as a :class:`Selection`, with the dropped tokens merged into the kept ones
+    (:func:`~visionselector.ops.merge.absorb_dropped`) when ``merge``."""
+    if not merge:
+        return Selection(keep)
+    features, sizes = absorb_dropped(tokens.features, keep, tokens.valid)
+    return Selection(keep, features, sizes)
 
 
 class InsideLLMMethod(SelectionMethod):

@@ -53,7 +53,8 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from .base import Selection, SelectionMethod, VisualTokens, check_options, register_method
+from ..ops.merge import merge_flops
+from .base import Selection, SelectionMethod, VisualTokens, check_options, merge_option, merged_selection, register_method
 
 __all__ = ["CDPrunerMethod", "CDPrunerOptions", "conditional_kernel_factor", "greedy_dpp_map", "prompt_relevance"]
 
@@ -211,6 +212,7 @@ class CDPrunerOptions:
                 "normalised prompt relevance (0: diversity only); None: quality r itself, the kernel of "
                 "CDPruner's released code",
         "at_least": 0.0, "below": 1.0})
+    merge: bool = merge_option()
 
 
 @register_method
@@ -222,9 +224,10 @@ class CDPrunerMethod(SelectionMethod):
     needs = frozenset({"prompt"})
     options_class = CDPrunerOptions
 
-    def __init__(self, hidden_size: int, theta: float | None = None) -> None:
+    def __init__(self, hidden_size: int, theta: float | None = None, merge: bool = False) -> None:
         super().__init__(hidden_size)
-        self.theta = check_options(type(self), {"theta": theta})["theta"]
+        options = check_options(type(self), {"theta": theta, "merge": merge})
+        self.theta, self.merges = options["theta"], options["merge"]
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         keep = torch.zeros_like(tokens.valid)
@@ -237,7 +240,7 @@ class CDPrunerMethod(SelectionMethod):
             else:
                 prompt = tokens.prompt[row][tokens.prompt_valid[row].bool()]
             keep[row, cdpruner_picks(tokens.features[row, :n], prompt, k, self.theta)] = True
-        return Selection(keep)
+        return merged_selection(keep, tokens, self.merges)
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """Relevance (the prompt's mean, ``T * D``, and one product with it, ``2 N D``), the kernel
@@ -252,7 +255,8 @@ class CDPrunerMethod(SelectionMethod):
             kernel = 2 * visual * visual * hidden
         else:
             kernel = 2 * visual * hidden * (budget - 1)
-        return relevance + kernel + visual * (budget - 1) * (budget - 2)
+        merging = merge_flops(visual, hidden, budget) if self.merges else 0
+        return relevance + kernel + visual * (budget - 1) * (budget - 2) + merging
 
     def config_dict(self) -> dict:
-        return {"theta": self.theta}
+        return {"theta": self.theta, **({"merge": True} if self.merges else {})}

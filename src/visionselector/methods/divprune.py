@@ -8,12 +8,15 @@ tokens chosen so far (the largest minimum distance). Ties go to the lower index.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
-from .base import Selection, SelectionMethod, VisualTokens, register_method
+from ..ops.merge import merge_flops
+from .base import Selection, SelectionMethod, VisualTokens, check_options, merge_option, merged_selection, register_method
 
-__all__ = ["DivPruneMethod", "max_min_diverse"]
+__all__ = ["DivPruneMethod", "DivPruneOptions", "max_min_diverse"]
 
 # Rows of the distance matrix computed at a time when finding nearest neighbours.
 _CHUNK = 1024
@@ -44,17 +47,29 @@ def max_min_diverse(features: torch.Tensor, count: int) -> torch.Tensor:
     return torch.tensor(chosen, device=features.device)
 
 
+@dataclass
+class DivPruneOptions:
+    """Options of :class:`DivPruneMethod`."""
+
+    merge: bool = merge_option()
+
+
 @register_method
 class DivPruneMethod(SelectionMethod):
     name = "divprune"
     description = "greedy max-min diversity on cosine distance of visual embeddings (DivPrune)"
+    options_class = DivPruneOptions
+
+    def __init__(self, hidden_size: int, merge: bool = False) -> None:
+        super().__init__(hidden_size)
+        self.merges = check_options(type(self), {"merge": merge})["merge"]
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
         keep = torch.zeros_like(tokens.valid)
         counts = tokens.valid.sum(1).tolist()
         for row, (n, k) in enumerate(zip(counts, budget.tolist())):
             keep[row, max_min_diverse(tokens.features[row, :n], k)] = True
-        return Selection(keep)
+        return merged_selection(keep, tokens, self.merges)
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """:func:`max_min_diverse`'s products: the ``N x N`` cosine similarity (``2 N^2 D``), then
@@ -62,4 +77,8 @@ class DivPruneMethod(SelectionMethod):
         (everything is kept without comparing)."""
         if budget >= visual or budget <= 0:
             return 0
-        return 2 * visual * visual * hidden + 2 * visual * hidden * budget
+        merging = merge_flops(visual, hidden, budget) if self.merges else 0
+        return 2 * visual * visual * hidden + 2 * visual * hidden * budget + merging
+
+    def config_dict(self) -> dict:
+        return {"merge": True} if self.merges else {}

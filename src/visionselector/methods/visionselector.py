@@ -27,7 +27,9 @@ from torch import nn
 
 from ..ops.context import fill_even_grid, focus_count
 from ..ops.diversity import mmr_flops, mmr_keep
-from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
+from ..ops.merge import merge_flops
+from .base import (Selection, SelectionMethod, VisualTokens, check_options, check_value, merge_option, merged_selection,
+                   register_method)
 
 __all__ = ["ImportanceScorer", "VisionSelectorMethod", "VisionSelectorOptions"]
 
@@ -118,13 +120,15 @@ def keep_focus_then_context(scores: torch.Tensor, tokens: VisualTokens, budget: 
     return fill_even_grid(keep, budget, tokens.valid, tokens.segments)
 
 
-def learned_config(config: dict, diversity: float, focus: float) -> dict:
+def learned_config(config: dict, diversity: float, focus: float, merge: bool = False) -> dict:
     """``config`` plus the selection options that differ from their defaults, so that a selector
     saved without them stays readable by versions that predate them."""
     if diversity:
         config["diversity"] = diversity
     if focus != 1.0:
         config["focus"] = focus
+    if merge:
+        config["merge"] = True
     return config
 
 
@@ -140,6 +144,7 @@ class VisionSelectorOptions:
                                                     "above": 0.0})
     diversity: float = diversity_option("as the paper does")
     focus: float = focus_option()
+    merge: bool = merge_option()
 
 
 @register_method
@@ -152,13 +157,14 @@ class VisionSelectorMethod(SelectionMethod):
     options_class = VisionSelectorOptions
 
     def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4,
-                 diversity: float = 0.0, focus: float = 1.0) -> None:
+                 diversity: float = 0.0, focus: float = 1.0, merge: bool = False) -> None:
         super().__init__(hidden_size)
         options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std, "diversity": diversity,
-                                             "focus": focus})
+                                             "focus": focus, "merge": merge})
         self.scorer = ImportanceScorer(hidden_size, options["hidden_dim"], init_std=options["init_std"])
         self.diversity = options["diversity"]
         self.focus = options["focus"]
+        self.merges = options["merge"]
         if self.focus < 1.0:  # the context grid needs each image's token grid
             self.needs = type(self).needs | {"segments"}
 
@@ -166,13 +172,16 @@ class VisionSelectorMethod(SelectionMethod):
         return self.scorer(features, mask)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
-        return Selection(keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus))
+        keep = keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus)
+        return merged_selection(keep, tokens, self.merges)
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """The scorer's products: the mean token's key and its direction (``4 D h``) and one dot
-        product per token (``2 N D``); plus the cosine similarities of MMR when ``diversity > 0``."""
-        return 4 * hidden * self.scorer.hidden_dim + 2 * visual * hidden + mmr_flops(visual, hidden, budget,
-                                                                                     self.diversity)
+        product per token (``2 N D``); plus the cosine similarities of MMR when ``diversity > 0``
+        and the merge's (:func:`~visionselector.ops.merge.merge_flops`) with ``merge``."""
+        return (4 * hidden * self.scorer.hidden_dim + 2 * visual * hidden
+                + mmr_flops(visual, hidden, budget, self.diversity)
+                + (merge_flops(visual, hidden, budget) if self.merges else 0))
 
     def config_dict(self) -> dict:
-        return learned_config({"hidden_dim": self.scorer.hidden_dim}, self.diversity, self.focus)
+        return learned_config({"hidden_dim": self.scorer.hidden_dim}, self.diversity, self.focus, self.merges)

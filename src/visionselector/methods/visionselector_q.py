@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 from ..ops.diversity import mmr_flops
-from .base import Selection, SelectionMethod, VisualTokens, check_options, check_value, register_method
+from ..ops.merge import merge_flops
+from .base import (Selection, SelectionMethod, VisualTokens, check_options, check_value, merge_option, merged_selection,
+                   register_method)
 from .visionselector import ImportanceScorer, diversity_option, focus_option, keep_focus_then_context, learned_config
 
 __all__ = ["QuestionScorer", "QuestionAwareScorer", "QuestionAwareSelectorMethod", "QuestionAwareSelectorOptions"]
@@ -136,6 +138,7 @@ class QuestionAwareSelectorOptions:
         "help": "add the paper's image-only importance score to the question's"})
     diversity: float = diversity_option("as the paper's scorer does")
     focus: float = focus_option()
+    merge: bool = merge_option()
 
 
 @register_method
@@ -150,10 +153,11 @@ class QuestionAwareSelectorMethod(SelectionMethod):
     options_class = QuestionAwareSelectorOptions
 
     def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4,
-                 image_score: bool = True, diversity: float = 0.0, focus: float = 1.0) -> None:
+                 image_score: bool = True, diversity: float = 0.0, focus: float = 1.0, merge: bool = False) -> None:
         super().__init__(hidden_size)
         options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std,
-                                             "image_score": image_score, "diversity": diversity, "focus": focus})
+                                             "image_score": image_score, "diversity": diversity, "focus": focus,
+                                             "merge": merge})
         width = options["hidden_dim"] if options["hidden_dim"] is not None else hidden_size // 2
         if width < 1:
             raise ValueError(f"hidden_dim defaults to half the hidden size, which is 0 for hidden size {hidden_size}; "
@@ -162,6 +166,7 @@ class QuestionAwareSelectorMethod(SelectionMethod):
                                           init_std=options["init_std"])
         self.diversity = options["diversity"]
         self.focus = options["focus"]
+        self.merges = options["merge"]
         if self.focus < 1.0:  # the context grid needs each image's token grid
             self.needs = type(self).needs | {"segments"}
 
@@ -172,17 +177,20 @@ class QuestionAwareSelectorMethod(SelectionMethod):
         return self.scorer(tokens.features, tokens.valid, tokens.prompt, tokens.prompt_valid)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
-        return Selection(keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus))
+        keep = keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus)
+        return merged_selection(keep, tokens, self.merges)
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """The gate and the pooled prompt (``4 T D``), the query and its direction (``4 D h``), one
         dot product per token (``2 N D``), the same again for the image term, and MMR's cosine
-        similarities when ``diversity > 0``."""
+        similarities when ``diversity > 0``; the merge's with ``merge``."""
         width = self.scorer.hidden_dim
         question = 4 * prompt * hidden + 4 * hidden * width + 2 * visual * hidden
         image = 4 * hidden * width + 2 * visual * hidden if self.scorer.image is not None else 0
-        return question + image + mmr_flops(visual, hidden, budget, self.diversity)
+        merging = merge_flops(visual, hidden, budget) if self.merges else 0
+        return question + image + mmr_flops(visual, hidden, budget, self.diversity) + merging
 
     def config_dict(self) -> dict:
         return learned_config({"hidden_dim": self.scorer.hidden_dim, "image_score": self.scorer.image is not None,
-                               "diversity": self.diversity}, self.diversity, self.focus)
+                               "diversity": self.diversity}, self.diversity, self.focus,
+                              self.merges)
