@@ -4,7 +4,7 @@
         --ship src/visionselector/reference/selectors
 
 For each seed: the paper's ``visionselector`` and the question-aware ``visionselector_q``
-(saved with ``diversity=0.5`` and ``focus=0.05``), each trained once at retention 0.2 on
+(saved with ``diversity=0.5``, ``focus=0.05`` and ``merge=true``), each trained once at retention 0.2 on
 the frozen reference model (DigitsVQA training split from sample 100,000, learning rate
 1e-3, batch 16, the curriculum from 0.1 to 2.0; ``--epochs 2`` trains twice as long on the
 same samples). Every learned row (the paper's scorer with and without MMR diversity and the
@@ -35,12 +35,14 @@ from visionselector.eval.quality import evaluate_methods
 from visionselector.models import load_model
 from visionselector.reference.task import write_split
 
-TRAINING_FREE = ["cdpruner", "divprune", "dart", "dart@layer=0", "fastv", "fastv@layer=0", "visionzip", "random",
-                 "uniform", "pool"]
-LEARNED = {"visionselector": (), "visionselector_q": ("diversity=0.5", "focus=0.05")}
+TRAINING_FREE = ["cdpruner", "divprune", "cdpruner@merge=true", "divprune@merge=true", "dart", "dart@layer=0",
+                 "fastv", "fastv@layer=0", "visionzip", "random", "uniform", "pool"]
+LEARNED = {"visionselector": (), "visionselector_q": ("diversity=0.5", "focus=0.05", "merge=true")}
 LEARNED_ROWS = ["visionselector", "visionselector@diversity=0.5", "visionselector@diversity=0.5,focus=0.05",
-                "visionselector_q", "visionselector_q@diversity=0", "visionselector_q@focus=1.0",
-                "visionselector_q@diversity=0,focus=1.0"]
+                "visionselector@diversity=0.5,focus=0.05,merge=true",
+                "visionselector_q", "visionselector_q@context=diverse", "visionselector_q@focus=1.0",
+                "visionselector_q@merge=false", "visionselector_q@focus=1.0,merge=false",
+                "visionselector_q@diversity=0,merge=false", "visionselector_q@diversity=0,focus=1.0,merge=false"]
 RETENTIONS = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
 
 

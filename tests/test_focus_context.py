@@ -132,3 +132,43 @@ def test_focus_round_trips_and_is_checked(method, tmp_path):
     for bad in (0.0, 1.5):
         with pytest.raises(ValueError, match="focus"):
             vs.attach(make_model(), method=method, retention=0.4, focus=bad)
+
+
+def max_min_reference(features: torch.Tensor, kept: list[int], valid: int, budget: int) -> set[int]:
+    """Greedy max-min diversity continued from ``kept``, one sample with Python loops: each step the
+    free token whose largest cosine similarity to a kept token is smallest (the lower index on ties)."""
+    chosen = list(kept)
+    while len(chosen) < min(budget, valid):
+        def closest(i):
+            return max(float(torch.nn.functional.cosine_similarity(features[i], features[j], dim=0)) for j in chosen)
+        chosen.append(min((i for i in range(valid) if i not in chosen), key=lambda i: (round(closest(i), 5), i)))
+    return set(chosen)
+
+
+def test_the_diverse_context_continues_max_min_diversity_from_the_focus_tokens():
+    from visionselector.ops.context import fill_max_min
+
+    generator = torch.Generator().manual_seed(3)
+    features = torch.randn(3, 20, 5, generator=generator)
+    valid = torch.arange(20).unsqueeze(0) < torch.tensor([[20], [14], [9]])
+    keep = torch.zeros(3, 20, dtype=torch.bool)
+    keep[0, [2, 7]] = True
+    keep[1, 4] = True
+    keep[2, [0, 1, 2]] = True
+    budget = torch.tensor([8, 6, 12])  # the last row asks for more than it has
+    filled = fill_max_min(keep, budget, features, valid)
+    for row in range(3):
+        kept = torch.nonzero(keep[row]).flatten().tolist()
+        expected = max_min_reference(features[row], kept, int(valid[row].sum()), int(budget[row]))
+        assert set(torch.nonzero(filled[row]).flatten().tolist()) == expected
+    assert fill_max_min(filled, budget, features, valid) is filled  # nothing missing: unchanged
+
+
+def test_the_diverse_context_needs_no_token_grid_and_bad_contexts_are_named():
+    model = make_model()
+    vs.attach(model, method="visionselector", retention=0.3, diversity=0.5, focus=0.1, context="diverse")
+    assert "segments" not in vs.get_method(model).needs
+    assert vs.get_method(model).config_dict()["context"] == "diverse"
+    vs.detach(model)
+    with pytest.raises(ValueError, match="'grid', 'diverse'.*'even'"):
+        vs.attach(model, method="visionselector_q", retention=0.3, focus=0.1, context="even")

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.context import fill_even_grid, focus_count
+from ..ops.context import fill_even_grid, fill_max_min, focus_count
 from ..ops.diversity import mmr_flops, mmr_keep
 from ..ops.merge import merge_flops
 from .base import (Selection, SelectionMethod, VisualTokens, check_options, check_value, merge_option, merged_selection,
@@ -109,18 +109,37 @@ def focus_option():
         "above": 0.0, "at_most": 1.0})
 
 
+CONTEXTS = ("grid", "diverse")
+
+
+def context_option():
+    """The ``context`` option of the learned methods: how the budget left after ``focus`` is spent."""
+    return field(default="grid", metadata={
+        "help": "how the budget left after focus is spent: 'grid' (an even grid of each image) or 'diverse' (each "
+                "next token the one least like any kept token, DivPrune's rule)"})
+
+
+def checked_context(context: str) -> str:
+    if context not in CONTEXTS:
+        raise ValueError(f"option 'context' must be one of {', '.join(map(repr, CONTEXTS))}, got {context!r}")
+    return context
+
+
 def keep_focus_then_context(scores: torch.Tensor, tokens: VisualTokens, budget: torch.Tensor, diversity: float,
-                            focus: float) -> torch.Tensor:
+                            focus: float, context: str = "grid") -> torch.Tensor:
     """``BoolTensor[B, N]``: ``focus_count`` tokens by MMR over ``scores`` ``[B, N]``, then the rest
-    of ``budget`` on an even grid (:func:`~visionselector.ops.context.fill_even_grid`); exactly
+    of ``budget`` on an even grid (:func:`~visionselector.ops.context.fill_even_grid`) or by max-min
+    diversity (:func:`~visionselector.ops.context.fill_max_min`); exactly
     :func:`~visionselector.ops.diversity.mmr_keep` at ``focus == 1``."""
     if focus >= 1.0:
         return mmr_keep(scores, tokens.features, budget, tokens.valid, diversity)
     keep = mmr_keep(scores, tokens.features, focus_count(budget, tokens.valid, focus), tokens.valid, diversity)
+    if context == "diverse":
+        return fill_max_min(keep, budget, tokens.features, tokens.valid)
     return fill_even_grid(keep, budget, tokens.valid, tokens.segments)
 
 
-def learned_config(config: dict, diversity: float, focus: float, merge: bool = False) -> dict:
+def learned_config(config: dict, diversity: float, focus: float, merge: bool = False, context: str = "grid") -> dict:
     """``config`` plus the selection options that differ from their defaults, so that a selector
     saved without them stays readable by versions that predate them."""
     if diversity:
@@ -129,7 +148,23 @@ def learned_config(config: dict, diversity: float, focus: float, merge: bool = F
         config["focus"] = focus
     if merge:
         config["merge"] = True
+    if context != "grid":
+        config["context"] = context
     return config
+
+
+def selection_rule_flops(method, visual: int, hidden: int, budget: int) -> int:
+    """The products of a learned method's selection rule: MMR's cosine similarities when
+    ``diversity > 0``, the ``N x N`` similarity of the max-min context (``2 N^2 D``) when
+    ``context="diverse"`` and ``focus < 1``, and the merge's (:func:`~visionselector.ops.merge.merge_flops`)."""
+    if budget >= visual or budget <= 0:
+        return 0
+    flops = mmr_flops(visual, hidden, budget, method.diversity)
+    if method.focus < 1.0 and method.context == "diverse":
+        flops += 2 * visual * visual * hidden
+    if method.merges:
+        flops += merge_flops(visual, hidden, budget)
+    return flops
 
 
 @dataclass
@@ -144,6 +179,7 @@ class VisionSelectorOptions:
                                                     "above": 0.0})
     diversity: float = diversity_option("as the paper does")
     focus: float = focus_option()
+    context: str = context_option()
     merge: bool = merge_option()
 
 
@@ -157,31 +193,32 @@ class VisionSelectorMethod(SelectionMethod):
     options_class = VisionSelectorOptions
 
     def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4,
-                 diversity: float = 0.0, focus: float = 1.0, merge: bool = False) -> None:
+                 diversity: float = 0.0, focus: float = 1.0, context: str = "grid", merge: bool = False) -> None:
         super().__init__(hidden_size)
         options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std, "diversity": diversity,
-                                             "focus": focus, "merge": merge})
+                                             "focus": focus, "context": context, "merge": merge})
         self.scorer = ImportanceScorer(hidden_size, options["hidden_dim"], init_std=options["init_std"])
         self.diversity = options["diversity"]
         self.focus = options["focus"]
+        self.context = checked_context(options["context"])
         self.merges = options["merge"]
-        if self.focus < 1.0:  # the context grid needs each image's token grid
+        if self.focus < 1.0 and self.context == "grid":  # the context grid needs each image's token grid
             self.needs = type(self).needs | {"segments"}
 
     def scores(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         return self.scorer(features, mask)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
-        keep = keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus)
+        keep = keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus,
+                                       self.context)
         return merged_selection(keep, tokens, self.merges)
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """The scorer's products: the mean token's key and its direction (``4 D h``) and one dot
-        product per token (``2 N D``); plus the cosine similarities of MMR when ``diversity > 0``
-        and the merge's (:func:`~visionselector.ops.merge.merge_flops`) with ``merge``."""
+        product per token (``2 N D``); plus the selection's (:func:`selection_rule_flops`)."""
         return (4 * hidden * self.scorer.hidden_dim + 2 * visual * hidden
-                + mmr_flops(visual, hidden, budget, self.diversity)
-                + (merge_flops(visual, hidden, budget) if self.merges else 0))
+                + selection_rule_flops(self, visual, hidden, budget))
 
     def config_dict(self) -> dict:
-        return learned_config({"hidden_dim": self.scorer.hidden_dim}, self.diversity, self.focus, self.merges)
+        return learned_config({"hidden_dim": self.scorer.hidden_dim}, self.diversity, self.focus, self.merges,
+                              self.context)

@@ -35,11 +35,10 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..ops.diversity import mmr_flops
-from ..ops.merge import merge_flops
 from .base import (Selection, SelectionMethod, VisualTokens, check_options, check_value, merge_option, merged_selection,
                    register_method)
-from .visionselector import ImportanceScorer, diversity_option, focus_option, keep_focus_then_context, learned_config
+from .visionselector import (ImportanceScorer, checked_context, context_option, diversity_option, focus_option,
+                             keep_focus_then_context, learned_config, selection_rule_flops)
 
 __all__ = ["QuestionScorer", "QuestionAwareScorer", "QuestionAwareSelectorMethod", "QuestionAwareSelectorOptions"]
 
@@ -138,6 +137,7 @@ class QuestionAwareSelectorOptions:
         "help": "add the paper's image-only importance score to the question's"})
     diversity: float = diversity_option("as the paper's scorer does")
     focus: float = focus_option()
+    context: str = context_option()
     merge: bool = merge_option()
 
 
@@ -153,11 +153,12 @@ class QuestionAwareSelectorMethod(SelectionMethod):
     options_class = QuestionAwareSelectorOptions
 
     def __init__(self, hidden_size: int, hidden_dim: int | None = None, init_std: float = 1e-4,
-                 image_score: bool = True, diversity: float = 0.0, focus: float = 1.0, merge: bool = False) -> None:
+                 image_score: bool = True, diversity: float = 0.0, focus: float = 1.0, context: str = "grid",
+                 merge: bool = False) -> None:
         super().__init__(hidden_size)
         options = check_options(type(self), {"hidden_dim": hidden_dim, "init_std": init_std,
                                              "image_score": image_score, "diversity": diversity, "focus": focus,
-                                             "merge": merge})
+                                             "context": context, "merge": merge})
         width = options["hidden_dim"] if options["hidden_dim"] is not None else hidden_size // 2
         if width < 1:
             raise ValueError(f"hidden_dim defaults to half the hidden size, which is 0 for hidden size {hidden_size}; "
@@ -166,8 +167,9 @@ class QuestionAwareSelectorMethod(SelectionMethod):
                                           init_std=options["init_std"])
         self.diversity = options["diversity"]
         self.focus = options["focus"]
+        self.context = checked_context(options["context"])
         self.merges = options["merge"]
-        if self.focus < 1.0:  # the context grid needs each image's token grid
+        if self.focus < 1.0 and self.context == "grid":  # the context grid needs each image's token grid
             self.needs = type(self).needs | {"segments"}
 
     def token_scores(self, tokens: VisualTokens) -> torch.Tensor:
@@ -177,20 +179,20 @@ class QuestionAwareSelectorMethod(SelectionMethod):
         return self.scorer(tokens.features, tokens.valid, tokens.prompt, tokens.prompt_valid)
 
     def select(self, tokens: VisualTokens, budget: torch.Tensor) -> Selection:
-        keep = keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus)
+        keep = keep_focus_then_context(self.token_scores(tokens), tokens, budget, self.diversity, self.focus,
+                                       self.context)
         return merged_selection(keep, tokens, self.merges)
 
     def selection_flops(self, visual: int, hidden: int, budget: int, prompt: int) -> int:
         """The gate and the pooled prompt (``4 T D``), the query and its direction (``4 D h``), one
         dot product per token (``2 N D``), the same again for the image term, and MMR's cosine
-        similarities when ``diversity > 0``; the merge's with ``merge``."""
+        similarities when ``diversity > 0``, and the rest of the selection rule's (:func:`selection_rule_flops`)."""
         width = self.scorer.hidden_dim
         question = 4 * prompt * hidden + 4 * hidden * width + 2 * visual * hidden
         image = 4 * hidden * width + 2 * visual * hidden if self.scorer.image is not None else 0
-        merging = merge_flops(visual, hidden, budget) if self.merges else 0
-        return question + image + mmr_flops(visual, hidden, budget, self.diversity) + merging
+        return question + image + selection_rule_flops(self, visual, hidden, budget)
 
     def config_dict(self) -> dict:
         return learned_config({"hidden_dim": self.scorer.hidden_dim, "image_score": self.scorer.image is not None,
                                "diversity": self.diversity}, self.diversity, self.focus,
-                              self.merges)
+                              self.merges, self.context)

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import torch
 
+from .diversity import cosine_similarity_matrix
 from .grid import even_grid, frame_sizes, split_budget, thin_evenly
 
-__all__ = ["focus_count", "fill_even_grid"]
+__all__ = ["focus_count", "fill_even_grid", "fill_max_min"]
 
 
 def focus_count(budget: torch.Tensor, valid: torch.Tensor, focus: float) -> torch.Tensor:
@@ -100,4 +101,41 @@ def fill_even_grid(keep: torch.Tensor, budget: torch.Tensor, valid: torch.Tensor
             chosen = _grid_of_free(height, width, taken, share)
             if chosen:  # one write per frame, not one per token (each would be a kernel launch on a GPU)
                 keep[row, start + torch.tensor(chosen, device=keep.device)] = True
+    return keep
+
+
+def fill_max_min(keep: torch.Tensor, budget: torch.Tensor, features: torch.Tensor, valid: torch.Tensor
+                 ) -> torch.Tensor:
+    """Add tokens to ``keep`` until each row holds ``budget[b]``, each the token least like any kept one.
+
+    Each step keeps the free token whose largest cosine similarity to the kept tokens is the
+    smallest (greedy max-min diversity, DivPrune's rule, continued from the tokens already
+    kept; a row with none kept starts from its first token). Ties go to the lower index.
+
+    Args:
+        keep: ``BoolTensor[B, N]``, tokens already kept (within ``valid``).
+        budget: ``LongTensor[B]``.
+        features: ``[B, N, D]``, the tokens whose similarity is measured.
+        valid: ``BoolTensor[B, N]``.
+
+    Returns:
+        a new ``BoolTensor[B, N]`` with ``min(budget[b], valid tokens)`` True per row (``keep``
+        itself when no row needs more).
+    """
+    budget = torch.minimum(budget.to(keep.device), valid.sum(1).to(keep.device))
+    missing = budget - keep.sum(1)
+    steps = int(missing.max()) if missing.numel() else 0
+    if steps <= 0:
+        return keep
+    keep = keep.clone()
+    similarity = cosine_similarity_matrix(features)  # [B, N, N]
+    rows = torch.arange(keep.shape[0], device=keep.device)
+    closest = torch.where(keep.unsqueeze(1), similarity, torch.full_like(similarity, -torch.inf)).amax(-1)
+    closest = torch.where(keep.any(1, keepdim=True), closest, torch.zeros_like(closest))
+    for step in range(steps):
+        value = (-closest).masked_fill(keep | ~valid, -torch.inf)
+        pick = value.argmax(1)
+        active = missing > step
+        keep[rows[active], pick[active]] = True
+        closest = torch.maximum(closest, similarity[rows, :, pick])
     return keep
