@@ -154,3 +154,19 @@ def test_presets_carry_the_published_widths_of_their_family(name):
     assert config.vision_config.depth == 2 and config.vision_config.out_hidden_size == spec["hidden_size"]
     with pytest.raises(ValueError, match=f"{name} has {spec['text_layers']} decoder layers"):
         architecture_config(name, text_layers=spec["text_layers"] + 1)
+
+
+def test_variants_with_options_are_timed_and_merging_costs_its_similarity(tmp_path):
+    folder = tmp_path
+    model = make_model(text_layers=2)
+    model.save_pretrained(folder / "model")
+    config = BenchConfig(model=str(folder / "model"), methods=("divprune", "divprune@merge=true"), retentions=(0.25,),
+                         image_size=64, repeats=1, warmup=0, new_tokens=0, progress=False)
+    result = run_bench(config, print_fn=lambda *_: None)
+    plain, merged = records_of(result, "divprune")[0.25], records_of(result, "divprune@merge=true")[0.25]
+    assert plain["tokens_kept"] == merged["tokens_kept"] == 16
+    # The only extra products: each of the 64 tokens against the 16 kept ones, at the model's width.
+    width = model.config.text_config.hidden_size
+    assert merged["flops"]["total"] - plain["flops"]["total"] == 2 * 64 * 16 * width
+    with pytest.raises(ValueError, match="no option 'merg'"):
+        run_bench(BenchConfig(model=str(folder / "model"), methods=("divprune@merg=true",)))

@@ -208,13 +208,43 @@ def test_tokens_after_a_later_turn_that_brings_the_first_images_are_numbered_as_
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-4)
 
 
+def _merged_cases():
+    from visionselector.adapters import ADAPTERS
+
+    return [pytest.param(f, id=f"{n}-merge", marks=[pytest.mark.skip(reason="merging is refused on linear attention")]
+                         if ADAPTERS[n].recurrent_state else []) for n, f in sorted(FAMILIES.items())]
+
+
+@pytest.mark.parametrize("family", _merged_cases())
+def test_a_merged_conversation_continues_as_its_tokens_fed_one_by_one(family):
+    """Merged tokens keep their attention weights in every later step, whichever way the steps come."""
+    model = _model(family)
+    vs.attach(model, method="divprune", retention=0.3, merge=True)
+    batch = family.batch(TURN[:1])
+    sequences, cache = _first_turn(family, model, batch)
+    conversation = _conversation(family, batch, sequences)
+    stepwise = copy.deepcopy(cache)
+    with torch.no_grad():
+        continued = model.generate(**conversation, past_key_values=cache, max_new_tokens=2, do_sample=False,
+                                   output_logits=True, return_dict_in_generate=True)
+        done = sequences.shape[1] - 1
+        for position in range(done, conversation["input_ids"].shape[1]):
+            out = model(input_ids=conversation["input_ids"][:, position:position + 1], past_key_values=stepwise,
+                        attention_mask=conversation["attention_mask"][:, :position + 1], use_cache=True)
+    torch.testing.assert_close(continued.logits[0], out.logits[:, -1], atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("options", [{"method": "uniform"}, {"method": "divprune", "merge": True}],
+                         ids=["uniform", "merge"])
 @pytest.mark.parametrize("family", [pytest.param(f, id=n) for n, f in sorted(FAMILIES.items())])
-def test_a_batch_adding_images_in_a_later_turn_equals_each_conversation_alone(family):
+def test_a_batch_adding_images_in_a_later_turn_equals_each_conversation_alone(family, options):
     from visionselector.adapters import ADAPTERS
     from visionselector.adapters.positions import LinearPositions
 
+    if options.get("merge") and ADAPTERS[family.name].recurrent_state:
+        pytest.skip("merging is refused on linear attention")
     model = _model(family)
-    _attach(model, "uniform", 0.3)
+    vs.attach(model, retention=0.3, **options)
     first, later = family.batch([(1,), (1,)]), family.batch([(0,), (2,)], seed=5)
     pixels = {k: v for k, v in later.items() if k not in ("input_ids", "attention_mask")}
     mask = torch.cat([first["attention_mask"], later["attention_mask"]], 1)

@@ -88,7 +88,7 @@ def run_demo(config: DemoConfig | None = None, *, print_fn=print) -> dict:
 
     print_fn("[3/4] evaluating every method at every retention")
     shipped = _shipped(config.model)
-    rows = [*(["visionselector_q"] if "visionselector_q" in shipped else []),
+    rows = [*(["visionselector_q", "visionselector_q@merge=false"] if "visionselector_q" in shipped else []),
             *(["visionselector", "visionselector@diversity=0.5"] if "visionselector" in shipped else []),
             *TRAINING_FREE_ROWS]
     evaluated = run_eval(EvalConfig(data=str(test_file), out=str(out / "shipped"), model=config.model,
@@ -200,7 +200,8 @@ def _targets(records) -> dict:
 
 
 # Every training-free method, FastV and DART also at layer 0: on the 4-layer reference model that
-# is the fraction of depth their default layer 2 is of Qwen2.5-VL-7B's 28 layers.
-TRAINING_FREE_ROWS = ("cdpruner", "divprune", "dart", "dart@layer=0", "fastv", "fastv@layer=0", "visionzip",
-                      "random", "uniform", "pool")
+# is the fraction of depth their default layer 2 is of Qwen2.5-VL-7B's 28 layers. DivPrune and
+# CDPruner also merge, as the shipped VisionSelector-Q does, so that no row wins by merging alone.
+TRAINING_FREE_ROWS = ("cdpruner", "divprune", "cdpruner@merge=true", "divprune@merge=true", "dart", "dart@layer=0",
+                      "fastv", "fastv@layer=0", "visionzip", "random", "uniform", "pool")
 TRAINED_ROW = "visionselector (trained now)"

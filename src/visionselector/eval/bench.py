@@ -41,7 +41,8 @@ class BenchConfig:
                 "weights), 'reference', a Qwen-family checkpoint folder or a hub id"})
     text_layers: int | None = field(default=None, metadata={"help": "keep only the first N decoder layers (presets)"})
     vision_layers: int | None = field(default=None, metadata={"help": "keep only the first N vision blocks (presets)"})
-    methods: tuple[str, ...] = field(default=("visionselector",), metadata={"help": "methods to time"})
+    methods: tuple[str, ...] = field(default=("visionselector",), metadata={
+        "help": "methods to time: names, or variants NAME@OPTION=VALUE,... (divprune@merge=true)"})
     retentions: tuple[float, ...] = field(default=(1.0, 0.5, 0.3, 0.2, 0.1, 0.05), metadata={"help": "retentions"})
     image_size: int = field(default=448, metadata={"help": "image side in pixels (patches merged 2x2 into tokens)"})
     frames: int = field(default=0, metadata={"help": "video frames instead of an image (0: an image)"})
@@ -86,12 +87,10 @@ def _resolve(config: BenchConfig):
 def _check_config(config: BenchConfig) -> list[float]:
     """Every setting, before anything is built or timed; returns the retentions, largest first."""
     from ..commands.common import check_count, check_output_folder
-    from ..methods import list_methods
     from ..ops.topk import validate_retention
+    from .quality import parse_method_specs
 
-    for method in config.methods:
-        if method not in list_methods():
-            raise ValueError(f"unknown method {method!r}; known methods: {', '.join(list_methods())}")
+    parse_method_specs(config.methods)
     if not config.methods:
         raise ValueError("give at least one method to time")
     retentions = sorted({validate_retention(r) for r in config.retentions}, reverse=True)
@@ -287,7 +286,10 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
     from ..commands.common import set_threads
     from ..ops.topk import token_budget
 
+    from .quality import parse_method_specs
+
     retentions = _check_config(config)
+    rows = {row.label: row for row in parse_method_specs(config.methods)}
     set_threads(config.threads)
     device, dtype = _resolve(config)
     model, description = build_model(config, device, dtype)
@@ -296,8 +298,11 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
 
     visual_per_sample = int(find_adapter(model).visual_mask(model, batch["input_ids"][:1]).sum())
     text_tokens = batch["input_ids"].shape[1] - visual_per_sample
+    def attached(label: str):
+        return vs.attached(model, method=rows[label].method, retention=retentions[0], **rows[label].options)
+
     for method in config.methods:  # fail now, not after minutes of timing, if a method cannot attach
-        with vs.attached(model, method=method, retention=retentions[0]):
+        with attached(method):
             pass
     timer = _Timer(device)
     print_fn(f"{description}; {str(dtype).replace('torch.', '')}, {config.attn}, {device.type}"
@@ -357,7 +362,7 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
                 measure_once(variant, timed, limit_runs[kept], False)
                 progress.update(1)
             for method in config.methods:
-                with vs.attached(model, method=method, retention=retentions[0]):
+                with attached(method):
                     for r in retentions:
                         step(stage, f"{method} r={r:g}")
                         vs.set_retention(model, r)
@@ -374,7 +379,7 @@ def run_bench(config: BenchConfig, *, print_fn=print) -> dict:
             variant.flops = _flops_by_part(model, limit_runs[kept])
             progress.update(1)
         for method in config.methods:
-            with vs.attached(model, method=method, retention=retentions[0]):
+            with attached(method):
                 for r in retentions:
                     step("FLOPs", f"{method} r={r:g}")
                     vs.set_retention(model, r)
@@ -429,6 +434,7 @@ def _summary(variant: Variant) -> dict:
 
 def _records(baseline: Variant, variants: dict, limits: dict, visual_per_sample: int) -> list[dict]:
     from ..methods import get_method_class
+    from .quality import VARIANT_SEPARATOR
     from ..ops.topk import token_budget
 
     base = _summary(baseline)
@@ -448,7 +454,7 @@ def _records(baseline: Variant, variants: dict, limits: dict, visual_per_sample:
                   "generate_speedup": (base["generate_ms"] / summary["generate_ms"]
                                        if base["generate_ms"] and summary["generate_ms"] else None)}
         record["of_limit"] = record["speedup"] / record["limit_speedup"]
-        if get_method_class(method).inside_llm:
+        if get_method_class(method.partition(VARIANT_SEPARATOR)[0]).inside_llm:
             # The limit shortens the sequence before the LLM; a method pruning inside it cannot reach that.
             record["of_limit"] = None
         records.append(record)
