@@ -72,6 +72,10 @@ BAD_OPTIONS = [
     ("visionselector_q", "focus", -0.05), ("visionselector_q", "focus", float("inf")), ("visionselector_q", "focus", "0.05"),
     ("cdpruner", "theta", 1.0), ("cdpruner", "theta", -0.1), ("cdpruner", "theta", float("nan")),
     ("cdpruner", "theta", "0.5"),
+    ("divprune", "merge", 1), ("divprune", "merge", "true"), ("cdpruner", "merge", None),
+    ("visionselector", "merge", 0), ("visionselector_q", "merge", "yes"),
+    ("visionselector", "context", "even"), ("visionselector", "context", 1), ("visionselector_q", "context", None),
+    ("visionselector_q", "context", "Grid"),
 ]
 
 
@@ -88,7 +92,7 @@ def test_every_option_of_every_method_is_covered_by_the_bad_value_matrix():
     assert declared == covered
 
 
-@pytest.mark.parametrize("method", ["uniform", "pool", "divprune"])
+@pytest.mark.parametrize("method", ["uniform", "pool"])
 def test_methods_without_options_refuse_any(clean, method):
     with pytest.raises(TypeError, match="unknown option.*'seed'.*accepted options: none"):
         vs.attach(clean, method=method, retention=0.5, seed=1)
@@ -140,9 +144,11 @@ def test_a_saved_selector_reloads_its_checked_options(clean, tmp_path):
 def test_option_listing_keeps_defaults_and_gives_help_with_the_valid_range():
     assert method_options(get_method_class("dart")) == {"layer": 2, "num_pivots": 8}
     assert method_options(get_method_class("visionselector")) == {"hidden_dim": None, "init_std": 1e-4, "diversity": 0.0,
-                                                                  "focus": 1.0}
-    assert method_options(get_method_class("visionselector_q")) == {"hidden_dim": None, "init_std": 1e-4,
-                                                                    "image_score": True, "diversity": 0.0, "focus": 1.0}
+                                                                  "focus": 1.0, "context": "grid", "merge": False}
+    assert method_options(get_method_class("visionselector_q")) == {
+        "hidden_dim": None, "init_std": 1e-4, "image_score": True, "diversity": 0.0, "focus": 1.0, "context": "grid",
+        "merge": False}
+    assert method_options(get_method_class("divprune")) == {"merge": False}
     assert option_help(get_method_class("visionselector"))["diversity"].endswith("(a finite number in [0, 1])")
     assert option_help(get_method_class("visionselector_q"))["focus"].endswith("(a finite number in (0, 1])")
     assert method_options(get_method_class("uniform")) == {}

@@ -3,7 +3,10 @@
 The selection solves the max-min diversity problem greedily on cosine distance
 ``1 - cos(x_i, x_j)`` between visual embeddings: the first token is the one whose
 nearest other token is farthest away; each next token is the one farthest from the
-tokens chosen so far (the largest minimum distance). Ties go to the lower index.
+tokens chosen so far (the largest minimum distance). Ties go to the lower index. Option
+``merge`` merges each dropped token into its most similar kept one
+(:mod:`~visionselector.ops.merge`); max-min diversity is the greedy k-center rule, so each
+kept token stands for the tokens nearest it.
 """
 
 from __future__ import annotations

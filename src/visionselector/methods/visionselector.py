@@ -13,8 +13,9 @@ IDPruner (Tencent AngelSlim): each step trades a token's normalised score agains
 cosine similarity to the tokens already kept (:func:`~visionselector.ops.diversity.mmr_keep`).
 It changes hard selection only; training (soft selection) is the same either way.
 Option ``focus`` (1.0 by default: off) keeps only a share of each image's tokens that way
-and spreads the rest of the budget on an even grid (:mod:`~visionselector.ops.context`);
-it too changes hard selection only.
+and spreads the rest of the budget on an even grid (:mod:`~visionselector.ops.context`;
+``context="diverse"``: by max-min diversity); option ``merge`` merges the dropped tokens into
+the kept ones (:mod:`~visionselector.ops.merge`). They too change hard selection only.
 """
 
 from __future__ import annotations
@@ -119,9 +120,10 @@ def context_option():
                 "next token the one least like any kept token, DivPrune's rule)"})
 
 
-def checked_context(context: str) -> str:
+def checked_context(context: str, method: str) -> str:
     if context not in CONTEXTS:
-        raise ValueError(f"option 'context' must be one of {', '.join(map(repr, CONTEXTS))}, got {context!r}")
+        raise ValueError(f"option 'context' of method {method!r} must be one of {', '.join(map(repr, CONTEXTS))}, "
+                         f"got {context!r}")
     return context
 
 
@@ -200,7 +202,7 @@ class VisionSelectorMethod(SelectionMethod):
         self.scorer = ImportanceScorer(hidden_size, options["hidden_dim"], init_std=options["init_std"])
         self.diversity = options["diversity"]
         self.focus = options["focus"]
-        self.context = checked_context(options["context"])
+        self.context = checked_context(options["context"], self.name)
         self.merges = options["merge"]
         if self.focus < 1.0 and self.context == "grid":  # the context grid needs each image's token grid
             self.needs = type(self).needs | {"segments"}

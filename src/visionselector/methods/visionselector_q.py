@@ -24,7 +24,11 @@ tokens unlike those already kept, so that a budget too small for every token of 
 needed object still covers each of them. Option ``focus`` caps the tokens chosen that way
 at a share of the image's tokens and spreads the rest of the budget on an even grid of the
 image (:mod:`~visionselector.ops.context`), so that the language model still reads a
-sample of the whole image in its natural proportions, which counting needs.
+sample of the whole image in its natural proportions, which counting needs (``context=
+"diverse"`` spends it by max-min diversity instead). Option ``merge`` merges each dropped
+token into its most similar kept one and weighs attention to each kept token by the
+tokens it stands for (:mod:`~visionselector.ops.merge`), which keeps every part of the
+image's share of attention. None of these options enters training.
 """
 
 from __future__ import annotations
@@ -167,7 +171,7 @@ class QuestionAwareSelectorMethod(SelectionMethod):
                                           init_std=options["init_std"])
         self.diversity = options["diversity"]
         self.focus = options["focus"]
-        self.context = checked_context(options["context"])
+        self.context = checked_context(options["context"], self.name)
         self.merges = options["merge"]
         if self.focus < 1.0 and self.context == "grid":  # the context grid needs each image's token grid
             self.needs = type(self).needs | {"segments"}
