@@ -428,10 +428,13 @@ def weighted_decoding_mask(memory: PrefillMemory, mask: torch.Tensor | None, pas
 WEIGHTED_ATTENTION = ("sdpa", "eager")
 
 
-def check_weighted_attention(state: AttachedState, text_model) -> None:
-    """A method that merges tokens needs an attention that adds a float mask to its logits."""
+def check_weighted_attention(state: AttachedState, text_model, weighted: bool | None = None) -> None:
+    """Merged tokens (``weighted``; by default, whether the attached method merges) need an attention
+    that adds a float mask to its logits."""
+    if weighted is None:
+        weighted = state.method.merges
     implementation = getattr(text_model.config, "_attn_implementation", None)
-    if state.method.merges and implementation not in WEIGHTED_ATTENTION:
+    if weighted and implementation not in WEIGHTED_ATTENTION:
         raise ValueError(f"method {state.method_name!r} with merge=True weighs attention to each merged token by "
                          f"an additive mask, which {implementation!r} attention does not take; load the model with "
                          f"attn_implementation={' or '.join(map(repr, WEIGHTED_ATTENTION))}, or set merge=False")

@@ -30,6 +30,7 @@ from typing import ClassVar
 
 import torch
 
+from ..ops.merge import additive_mask
 from .base import (
     AttachedState,
     HardSelection,
@@ -51,7 +52,6 @@ from .base import (
     select_tokens,
     weighted_decoding_mask,
 )
-from ..ops.merge import additive_mask
 from .compaction import Compaction
 from .layer_pruning import LayerPruning, install_layer_pruning, layer_type, standard_query_key
 from .positions import MRoPEPositions, PositionStrategy
@@ -290,8 +290,8 @@ class ModelAdapter:
                 positions = strategy.continuing(position_ids, memory.uncompressed(past_length), query_length, batch,
                                                 tokens.device)
                 mask = decode_attention_mask(memory, attention_mask, past_length, query_length)
-                if memory.key_bias is not None:
-                    check_weighted_attention(state, text_model)
+                if memory.key_bias is not None:  # the cache holds merged tokens, whatever is attached now
+                    check_weighted_attention(state, text_model, weighted=True)
                     mask = weighted_decoding_mask(memory, mask, past_length, query_length, model_dtype(inputs_embeds))
                 if memory.first_pruned_layer == 0:
                     return call(mask, positions, inputs_embeds)
@@ -429,7 +429,7 @@ class ModelAdapter:
             key_bias = joined_key_bias(memory, past_length, chunk_bias, chunk_valid)
             mask = compact_mask.long()
             if key_bias is not None:
-                check_weighted_attention(state, text_model)
+                check_weighted_attention(state, text_model, weighted=True)
                 mask = additive_mask(compact_mask, key_bias, chunk_valid.shape[1], embeds.dtype)
             outputs = call(mask, strategy.compact(positions, compaction), embeds, **extras)
             remember_prefill(cache, uncompressed + length, compact_mask, key_bias=key_bias)
