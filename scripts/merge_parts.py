@@ -8,7 +8,7 @@ question (its first answer token) with the row's kept set, then four times more 
 of the *whole* sequence in which the dropped visual tokens are masked out of attention,
 written here from the definition and independently of the package's compaction:
 
-- ``dropped``: the package's own pruned run;
+- ``dropped``: the package's own pruned run (without merging, whatever a selector was saved with);
 - ``masked``: nothing else changed (equals ``dropped``: a check of this script);
 - ``weights``: each kept token's attention logits get ``log(size)``, the size of its group
   (itself and the dropped tokens whose most similar kept token it is, by cosine similarity);
@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 
 import visionselector as vs
+from visionselector.eval.quality import parse_method_spec
+from visionselector.methods.base import get_method_class, method_options
 from visionselector.models import load_model
 from visionselector.reference import shipped_selector
 from visionselector.reference.task import digit_images, make_sample
@@ -71,11 +73,11 @@ def main() -> None:
     for retention in args.retentions:
         correct, total = collections.Counter(), collections.Counter()
         for row in args.rows:
-            method, _, settings = row.partition("@")
-            options = {}
-            for item in filter(None, settings.split(",")):
-                name, value = item.split("=")
-                options[name] = float(value)
+            variant = parse_method_spec(row)
+            method = variant.method
+            # The kept set is the row's own, dropped: a selector saved with merge=True does not merge here.
+            options = {**({"merge": False} if "merge" in method_options(get_method_class(method)) else {}),
+                       **variant.options}
             if method in ("visionselector", "visionselector_q"):
                 options["selector"] = shipped_selector(method)
             for image, question, truth, kind in samples:

@@ -1,7 +1,7 @@
 """What a pruned reference model can still answer: kept sets built from the scene's ground truth.
 
     python scripts/population_oracles.py --retentions 0.1 0.2 --samples 480 \
-        --selector src/visionselector/reference/selectors/visionselector_q --options focus=1.0
+        --selector src/visionselector/reference/selectors/visionselector_q --options focus=1.0 merge=false
 
 For each validation sample (``--split``), the shipped reference model answers with the
 selector's own kept set and with oracle sets of the same size built from the scene's
@@ -20,6 +20,7 @@ import collections
 import torch
 
 import visionselector as vs
+from visionselector.eval.quality import parse_method_spec
 from visionselector.methods.base import NoOptions, SelectionMethod, register_method
 from visionselector.models import load_model
 from visionselector.ops.context import fill_even_grid
@@ -54,11 +55,11 @@ def main() -> None:
     parser.add_argument("--split", default="validation")
     parser.add_argument("--method", default="visionselector_q")
     parser.add_argument("--selector", default="src/visionselector/reference/selectors/visionselector_q")
-    parser.add_argument("--options", nargs="*", default=[], help="the method's options, NAME=VALUE (focus=1.0)")
+    parser.add_argument("--options", nargs="*", default=[], help="the method's options, NAME=VALUE (focus=1.0 merge=false)")
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    options = {name: float(value) for name, value in (item.split("=", 1) for item in args.options)}
+    options = parse_method_spec(f"{args.method}@{','.join(args.options)}").options if args.options else {}
     model, processor = load_model("reference")
     images, targets = digit_images()
     samples = []
