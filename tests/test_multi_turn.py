@@ -46,6 +46,10 @@ def test_continuing_a_conversation_equals_feeding_its_tokens_one_by_one(family, 
     # whatever the padding, so a hand-written loop over a padded batch differs even unpruned.
     model = _model(family)
     _attach(model, method, 0.3)
+    _check_continued_as_fed_one_by_one(family, model)
+
+
+def _check_continued_as_fed_one_by_one(family, model):
     batch = family.batch(TURN[:1])
     sequences, cache = _first_turn(family, model, batch)
     conversation = _conversation(family, batch, sequences)
@@ -220,18 +224,7 @@ def test_a_merged_conversation_continues_as_its_tokens_fed_one_by_one(family):
     """Merged tokens keep their attention weights in every later step, whichever way the steps come."""
     model = _model(family)
     vs.attach(model, method="divprune", retention=0.3, merge=True)
-    batch = family.batch(TURN[:1])
-    sequences, cache = _first_turn(family, model, batch)
-    conversation = _conversation(family, batch, sequences)
-    stepwise = copy.deepcopy(cache)
-    with torch.no_grad():
-        continued = model.generate(**conversation, past_key_values=cache, max_new_tokens=2, do_sample=False,
-                                   output_logits=True, return_dict_in_generate=True)
-        done = sequences.shape[1] - 1
-        for position in range(done, conversation["input_ids"].shape[1]):
-            out = model(input_ids=conversation["input_ids"][:, position:position + 1], past_key_values=stepwise,
-                        attention_mask=conversation["attention_mask"][:, :position + 1], use_cache=True)
-    torch.testing.assert_close(continued.logits[0], out.logits[:, -1], atol=1e-5, rtol=1e-4)
+    _check_continued_as_fed_one_by_one(family, model)
 
 
 @pytest.mark.parametrize("options", [{"method": "uniform"}, {"method": "divprune", "merge": True}],
