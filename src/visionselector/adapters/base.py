@@ -413,16 +413,33 @@ def decode_attention_mask(
     return torch.cat([memory.compact_mask.to(tail.device), tail], dim=1)
 
 
+def joined_key_bias(memory: PrefillMemory | None, past_length: int, chunk_bias: torch.Tensor | None,
+                    chunk_valid: torch.Tensor) -> torch.Tensor | None:
+    """The attention bias of a cache of ``past_length`` tokens followed by a new chunk (``chunk_valid``
+    ``[B, C]``): the pruned prompt's bias, none on the tokens after it, then the chunk's own
+    (``chunk_bias`` ``[B, C]``, or none); ``None`` when neither carries one."""
+    prefix = memory.key_bias if memory is not None else None
+    if prefix is None and chunk_bias is None:
+        return None
+    batch, device = chunk_valid.shape[0], chunk_valid.device
+    if prefix is None:
+        prefix = torch.zeros(batch, past_length, device=device)
+    else:
+        prefix = torch.cat([prefix.to(device), torch.zeros(batch, past_length - prefix.shape[1], device=device)], 1)
+    if chunk_bias is None:
+        chunk_bias = torch.zeros(chunk_valid.shape, device=device)
+    return torch.cat([prefix, chunk_bias.to(device=device, dtype=prefix.dtype)], dim=1)
+
+
 def weighted_decoding_mask(memory: PrefillMemory, mask: torch.Tensor | None, past_length: int, query_length: int,
                            dtype: torch.dtype) -> torch.Tensor:
     """A decoding step's 4-D additive mask over the compacted cache, from its 2-D ``mask`` (or ``None``),
     with the bias ``memory.key_bias`` on the prompt's keys and none on the tokens after it."""
-    bias = memory.key_bias
-    tail = memory.appended(past_length) + query_length
     if mask is None:
-        mask = torch.ones(bias.shape[0], memory.compact_length + tail, dtype=torch.bool, device=bias.device)
-    bias = torch.cat([bias.to(mask.device), bias.new_zeros(bias.shape[0], tail).to(mask.device)], dim=1)
-    return additive_mask(mask.bool(), bias, query_length, dtype)
+        mask = torch.ones(memory.key_bias.shape[0], past_length + query_length, dtype=torch.bool,
+                          device=memory.key_bias.device)
+    queries = torch.ones(mask.shape[0], query_length, dtype=torch.bool, device=mask.device)
+    return additive_mask(mask.bool(), joined_key_bias(memory, past_length, None, queries), query_length, dtype)
 
 
 WEIGHTED_ATTENTION = ("sdpa", "eager")

@@ -43,6 +43,7 @@ from .base import (
     decode_attention_mask,
     forget_prefill,
     gather_prompt,
+    joined_key_bias,
     given_cache,
     output_cache,
     pruned_prompt,
@@ -452,24 +453,6 @@ class ModelAdapter:
 
 def model_dtype(inputs_embeds) -> torch.dtype:
     return inputs_embeds.dtype if inputs_embeds is not None else torch.get_default_dtype()
-
-
-def joined_key_bias(memory, past_length: int, chunk_bias: torch.Tensor | None, chunk_valid: torch.Tensor
-                    ) -> torch.Tensor | None:
-    """The attention bias of a cache of ``past_length`` tokens followed by a new chunk (``chunk_valid``
-    ``[B, C]``): the pruned prompt's bias, none on the tokens after it, then the chunk's own;
-    ``None`` when neither carries one."""
-    prefix = memory.key_bias if memory is not None else None
-    if prefix is None and chunk_bias is None:
-        return None
-    batch, device = chunk_valid.shape[0], chunk_valid.device
-    if prefix is None:
-        prefix = torch.zeros(batch, past_length, device=device)
-    else:
-        prefix = torch.cat([prefix.to(device), torch.zeros(batch, past_length - prefix.shape[1], device=device)], 1)
-    if chunk_bias is None:
-        chunk_bias = torch.zeros(chunk_valid.shape, device=device)
-    return torch.cat([prefix, chunk_bias.to(device=device, dtype=prefix.dtype)], dim=1)
 
 
 def install_generation_hooks(model, state: AttachedState) -> None:

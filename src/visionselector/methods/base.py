@@ -18,9 +18,9 @@ from torch import nn
 from ..ops.merge import absorb_dropped
 from ..ops.topk import hard_topk
 
-__all__ = ["InsideLLMMethod", "LayerOptions", "NoOptions", "merge_option", "merged_selection", "Selection", "SelectionMethod", "VisualTokens",
-           "register_method", "get_method_class", "list_methods", "method_options", "option_help", "check_options",
-           "check_value"]
+__all__ = ["InsideLLMMethod", "LayerOptions", "NoOptions", "Selection", "SelectionMethod", "VisualTokens",
+           "merge_option", "merged_selection", "register_method", "get_method_class", "list_methods",
+           "method_options", "option_help", "check_options", "check_value"]
 
 _NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]*$")
 _REGISTRY: dict[str, type["SelectionMethod"]] = {}

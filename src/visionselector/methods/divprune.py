@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 
 from ..ops.merge import merge_flops
-from .base import Selection, SelectionMethod, VisualTokens, check_options, merge_option, merged_selection, register_method
+from .base import (Selection, SelectionMethod, VisualTokens, check_options, merge_option, merged_selection,
+                   register_method)
 
 __all__ = ["DivPruneMethod", "DivPruneOptions", "max_min_diverse"]
 
